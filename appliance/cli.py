@@ -31,6 +31,49 @@ def _model_info(args) -> int:
     return 0
 
 
+def _config_check(args) -> int:
+    from appliance.config import load_config
+
+    config = load_config(args.config)
+    read = ", ".join(config.files) if config.files else "no file (built-in defaults)"
+    print(f"configuration is valid: {read}")
+    return 0
+
+
+def _config_show(args) -> int:
+    from appliance.config import load_config, render_config
+
+    print(render_config(load_config(args.config)), end="")
+    return 0
+
+
+def _run(args) -> int:
+    from appliance.config import load_config
+    from appliance.service.journal import setup_logging
+    from appliance.service.runner import run_service
+
+    # A config error must reach the journal too, so logging starts before loading.
+    setup_logging("debug" if args.verbose else "info")
+    config = load_config(args.config)
+    setup_logging("debug" if args.verbose else config.service.log_level)
+    return run_service(config, config_loader=lambda: load_config(args.config))
+
+
+def _simulate(args) -> int:
+    from appliance import simulate
+
+    return simulate.run(args)
+
+
+def _add_config_option(parser) -> None:
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help="config file (default: $CRANKLLM_CONFIG or /etc/crankllm/crankllm.toml, "
+        "then conf.d/*.toml beside it)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crankllm",
@@ -61,6 +104,43 @@ def build_parser() -> argparse.ArgumentParser:
     info = model_commands.add_parser("info", help="print size, parameters and bits per weight of a GGUF")
     info.add_argument("path")
     info.set_defaults(handler=_model_info)
+
+    config = commands.add_parser("config", help="check or show the effective configuration")
+    config_commands = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    check = config_commands.add_parser("check", help="validate the configuration (exit 0, or 78 on error)")
+    _add_config_option(check)
+    check.set_defaults(handler=_config_check)
+    show = config_commands.add_parser("show", help="print the merged configuration and where each value came from")
+    _add_config_option(show)
+    show.set_defaults(handler=_config_show)
+
+    run = commands.add_parser("run", help="run the appliance (what the systemd unit starts)")
+    _add_config_option(run)
+    run.set_defaults(handler=_run, configures_logging=True)
+
+    simulate = commands.add_parser(
+        "simulate", help="run the appliance with a keyboard or scripted crank and an emulated OLED"
+    )
+    _add_config_option(simulate)
+    simulate.add_argument(
+        "--script",
+        help='crank script, e.g. "40cw,5ccw,20cw,press,30cw" (also longpress, wait:SECONDS); '
+        "without it the keyboard turns the crank",
+    )
+    simulate.add_argument(
+        "--rpm", type=float, default=60.0,
+        help="crank speed for --script in revolutions per minute (default 60; 0 = each detent "
+        "waits for its decode step, for repeatable runs)",
+    )
+    simulate.add_argument(
+        "--detents-per-rev", type=int, default=20,
+        help="encoder detents per revolution (default 20, a KY-040)",
+    )
+    simulate.add_argument("--display", help="gif:PATH, png:PATH, terminal or dummy")
+    simulate.add_argument("--transcript", metavar="DIR", help="folder for the story transcripts")
+    simulate.add_argument("--seed", type=int, help="sampler seed, for a repeatable story")
+    simulate.add_argument("--print-story", action="store_true", help="print the story text at the end")
+    simulate.set_defaults(handler=_simulate)
     return parser
 
 

@@ -269,6 +269,11 @@ def read_gguf(path: str | os.PathLike) -> GGUFInfo:
         raise ModelFileError(
             f"model file not found: {path}; run `crankllm model prepare` or set [model] path"
         ) from None
+    except PermissionError:
+        raise ModelFileError(
+            f"model file is not readable: {path} (a parent directory denies access); "
+            "give the service user access to it"
+        ) from None
     except OSError as err:
         raise ModelFileError(f"cannot access model file {path}: {err.strerror}") from None
     if stat.S_ISDIR(st.st_mode):
