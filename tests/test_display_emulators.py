@@ -186,3 +186,29 @@ def test_emulator_rejects_bus():
 def test_emulator_rejects_tiny_size():
     with pytest.raises(ConfigError, match="size"):
         open_display(driver="dummy", width=4, height=64)
+
+
+def test_terminal_narrow_uses_quadrants():
+    import fcntl
+    import os
+    import struct
+    import termios
+
+    master, slave = os.openpty()
+    # An 80-column terminal cannot show 128 half-block columns without wrapping.
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 80, 0, 0))
+    stream = os.fdopen(slave, "w", encoding="utf-8")
+    panel = TerminalPanel(128, 64, stream=stream)
+    image = Image.new("1", (128, 64), 0)
+    image.putpixel((0, 0), 1)
+    image.putpixel((127, 63), 1)
+    panel._image = image
+    try:
+        lines = panel._render_lines()
+    finally:
+        stream.close()
+        os.close(master)
+    assert len(lines) == 32
+    assert all(len(line) == 64 for line in lines)
+    assert lines[0][0] == "\u2598"
+    assert lines[-1][-1] == "\u2597"

@@ -20,6 +20,8 @@ from appliance.display.state import DisplayState
 __all__ = ["DummyPanel", "PngPanel", "GifPanel", "TerminalPanel", "EMULATORS", "open_emulator"]
 
 # Half-block characters indexed by (top pixel) | (bottom pixel << 1).
+# Indexed by upper-left 1, upper-right 2, lower-left 4, lower-right 8 (U+2596..U+259F).
+_QUADRANTS = " ▘▝▀▖▌▞▛▗▚▐▜▄▙▟█"
 _HALF_BLOCKS = (" ", "\u2580", "\u2584", "\u2588")
 
 _CURSOR_HIDE = "\x1b[?25l"
@@ -161,8 +163,9 @@ class TerminalPanel(Panel):
     """Draws the frame in a terminal with half blocks, two pixel rows per line.
 
     The first frame is printed where the cursor is; later frames move the cursor up
-    and overwrite it. The line under the frame is the full status text. The terminal
-    must be at least ``width`` columns wide, or wrapped lines break the redraw.
+    and overwrite it. The line under the frame is the full status text. A terminal
+    narrower than ``width`` columns would wrap the lines and break the redraw, so
+    there each character shows a 2x2 pixel cell with the quadrant block characters.
     """
 
     def __init__(self, width: int, height: int, rotate: int = 0, *, stream=None, path: str = ""):
@@ -193,12 +196,21 @@ class TerminalPanel(Panel):
         # Control characters in a model's message must not reach the terminal.
         return "".join(ch if ch.isprintable() else "?" for ch in text)
 
+    def _columns(self) -> int | None:
+        try:
+            return os.get_terminal_size(self._stream.fileno()).columns
+        except (AttributeError, OSError, ValueError):
+            return None
+
     def _render_lines(self) -> list[str]:
         image = self._image
         if image is None:
             return []
         width, height = image.size
         pixels = image.load()
+        columns = self._columns()
+        if columns is not None and columns < width:
+            return self._render_quadrants(pixels, width, height)
         lines = []
         for top in range(0, height, 2):
             cells = []
@@ -206,6 +218,20 @@ class TerminalPanel(Panel):
                 upper = 1 if self._on and pixels[x, top] else 0
                 lower = 1 if self._on and top + 1 < height and pixels[x, top + 1] else 0
                 cells.append(_HALF_BLOCKS[upper | lower << 1])
+            lines.append("".join(cells))
+        return lines
+
+    def _render_quadrants(self, pixels, width: int, height: int) -> list[str]:
+        def lit(x: int, y: int) -> int:
+            return 1 if self._on and x < width and y < height and pixels[x, y] else 0
+
+        lines = []
+        for top in range(0, height, 2):
+            cells = []
+            for left in range(0, width, 2):
+                bits = (lit(left, top) | lit(left + 1, top) << 1
+                        | lit(left, top + 1) << 2 | lit(left + 1, top + 1) << 3)
+                cells.append(_QUADRANTS[bits])
             lines.append("".join(cells))
         return lines
 
