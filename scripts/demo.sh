@@ -19,5 +19,5 @@ fi
 
 step "no terminal: cranking a script and writing demo.gif"
 exec "$venv/bin/crankllm" simulate \
-    --script "60cw,8ccw,30cw,press,50cw" --rpm 120 \
+    --script "60cw,8ccw,30cw,press,50cw" --rpm 30 \
     --display "gif:$repo/demo.gif" --print-story "$@"
