@@ -65,6 +65,58 @@ def _simulate(args) -> int:
     return simulate.run(args)
 
 
+def _control_path(args) -> str:
+    if args.socket:
+        return args.socket
+    from appliance.config import load_config
+    from appliance.service.control_client import default_socket
+
+    return default_socket(load_config(args.config))
+
+
+def _status(args) -> int:
+    from appliance.service import control_client
+
+    print(control_client.format_status(control_client.status(_control_path(args))))
+    return 0
+
+
+def _prompt(args) -> int:
+    from appliance.service import control_client
+
+    control_client.send_prompt(_control_path(args), args.text)
+    print("prompt queued: the next story starts from it")
+    return 0
+
+
+def _new(args) -> int:
+    from appliance.service import control_client
+
+    control_client.new_story(_control_path(args))
+    print("new story requested")
+    return 0
+
+
+def _tail(args) -> int:
+    from appliance.service import control_client
+
+    try:
+        control_client.tail(_control_path(args))
+    except BrokenPipeError:
+        # The reader went away (`crankllm tail | head`): stop quietly, as cat does.
+        sys.stderr.close()
+    return 0
+
+
+def _add_control_options(parser) -> None:
+    parser.add_argument(
+        "--socket", metavar="PATH",
+        help="control socket (default: [service] control_socket, else /run/crankllm/control.sock "
+        "when it exists, else $XDG_RUNTIME_DIR/crankllm/control.sock)",
+    )
+    _add_config_option(parser)
+
+
 def _add_config_option(parser) -> None:
     parser.add_argument(
         "--config",
@@ -141,6 +193,19 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--seed", type=int, help="sampler seed, for a repeatable story")
     simulate.add_argument("--print-story", action="store_true", help="print the story text at the end")
     simulate.set_defaults(handler=_simulate)
+
+    for name, handler, help_text in (
+        ("status", _status, "print the running appliance's state"),
+        ("new", _new, "start the story again from its prompt"),
+        ("tail", _tail, "print the story and follow it as it is cranked (Ctrl-C stops)"),
+    ):
+        command = commands.add_parser(name, help=help_text)
+        _add_control_options(command)
+        command.set_defaults(handler=handler)
+    prompt_command = commands.add_parser("prompt", help="start a new story from TEXT")
+    prompt_command.add_argument("text", metavar="TEXT")
+    _add_control_options(prompt_command)
+    prompt_command.set_defaults(handler=_prompt)
     return parser
 
 

@@ -151,13 +151,13 @@ def parse_request(line: bytes) -> dict:
 
     command = request.get("command")
     if command not in COMMANDS:
-        shown = json.dumps(command, ensure_ascii=False)[:40]
-        raise ControlError(f"unknown command {shown}; expected one of {', '.join(COMMANDS)}")
+        quoted = json.dumps(command, ensure_ascii=False)[:40]
+        raise ControlError(f"unknown command {quoted}; expected one of {', '.join(COMMANDS)}")
     allowed = {"command", "text"} if command == "prompt" else {"command"}
     unexpected = sorted(set(request) - allowed)
     if unexpected:
-        shown = json.dumps(unexpected[0], ensure_ascii=False)[:40]
-        raise ControlError(f"unexpected field {shown} in a {command} request")
+        quoted = json.dumps(unexpected[0], ensure_ascii=False)[:40]
+        raise ControlError(f"unexpected field {quoted} in a {command} request")
     if command == "prompt":
         if "text" not in request:
             raise ControlError("prompt request has no \"text\" field")
@@ -235,10 +235,10 @@ class _Story:
 class ControlServer:
     """Serve the control socket at ``path`` and stream the story to tail clients.
 
-    ``snapshot`` returns the daemon's state as a JSON-able dict and ``post`` hands an
-    event (PromptRequest, NewStory) to the worker; both are called on the server's
-    thread and must not block. The socket gets ``mode`` and, when that group
-    exists, ``group``.
+    ``snapshot`` returns the daemon's state as a JSON-able dict, and ``post`` hands
+    an event (PromptRequest, NewStory) to the worker. The server's thread calls
+    both, so they must not block. The socket gets ``mode``, and ``group`` when
+    that group exists.
     """
 
     def __init__(
@@ -291,7 +291,7 @@ class ControlServer:
         self._at_limit = False
         self._accept_resume: float | None = None
         self.counts = dict.fromkeys(
-            ("requests", "rejected", "refused", "timed_out", "tail_dropped"), 0
+            ("requests", "rejected", "over_limit", "timed_out", "tail_dropped"), 0
         )
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -305,7 +305,7 @@ class ControlServer:
             os.makedirs(directory, mode=0o755, exist_ok=True)
         except OSError as err:
             raise ControlError(
-                f"cannot create folder {directory} for the control socket: {_reason(err)}"
+                f"creating folder {directory} for the control socket failed: {_reason(err)}"
             ) from err
         self._remove_stale_socket()
 
@@ -326,7 +326,7 @@ class ControlServer:
                         f"control socket {self.path} is in use: another crankllm is running? "
                         "Stop it first, or set [service] control_socket to another path"
                     ) from err
-                raise ControlError(f"cannot create control socket {self.path}: {_reason(err)}") from err
+                raise ControlError(f"creating control socket {self.path} failed: {_reason(err)}") from err
             listener.setblocking(False)
             info = os.lstat(self.path)
             self._identity = (info.st_dev, info.st_ino)
@@ -367,7 +367,7 @@ class ControlServer:
         except FileNotFoundError:
             return
         except OSError as err:
-            raise ControlError(f"cannot check control socket {self.path}: {_reason(err)}") from err
+            raise ControlError(f"checking control socket {self.path} failed: {_reason(err)}") from err
         if not stat.S_ISSOCK(info.st_mode):
             raise ControlError(
                 f"{self.path} exists and is not a socket; remove it or set "
@@ -388,7 +388,7 @@ class ControlServer:
         except TimeoutError:
             pass  # a listener whose backlog is full is alive too
         except OSError as err:
-            raise ControlError(f"cannot check control socket {self.path}: {_reason(err)}") from err
+            raise ControlError(f"checking control socket {self.path} failed: {_reason(err)}") from err
         finally:
             probe.close()
         raise ControlError(
@@ -412,7 +412,8 @@ class ControlServer:
                 self.path, self.group, err.strerror,
             )
 
-    # -- Mirror: called on the worker thread, never blocks ---------------------------------
+    # -- Mirror: called on the worker thread -----------------------------------------------
+    # These hold the lock briefly and do no I/O except one byte to the wake-up pipe.
 
     def story_started(self, story_id: int, prompt: str) -> None:
         with self._lock:
@@ -519,18 +520,18 @@ class ControlServer:
             return
         sock.setblocking(False)
         if len(self._connections) >= self.max_connections:
-            self._refuse(sock)
+            self._reject_over_limit(sock)
             return
         conn = _Connection(sock, self._clock() + self.request_timeout)
         self._connections.add(conn)
         self._selector.register(sock, selectors.EVENT_READ, conn)
 
-    def _refuse(self, sock: socket.socket) -> None:
-        self.counts["refused"] += 1
+    def _reject_over_limit(self, sock: socket.socket) -> None:
+        self.counts["over_limit"] += 1
         if not self._at_limit:
             self._at_limit = True
             log.warning(
-                "control socket %s: %d connections open; refusing more until one closes",
+                "control socket %s: %d connections open; rejecting more until one closes",
                 self.path, self.max_connections,
             )
         reply = encode_message({
@@ -708,11 +709,11 @@ class ControlServer:
         else:
             self._want_write(conn, False)
 
-    def _want_write(self, conn: _Connection, wanted: bool) -> None:
-        if conn.writing == wanted:
+    def _want_write(self, conn: _Connection, enabled: bool) -> None:
+        if conn.writing == enabled:
             return
-        conn.writing = wanted
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if wanted else 0)
+        conn.writing = enabled
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if enabled else 0)
         self._selector.modify(conn.sock, events, conn)
 
     def _expire(self) -> None:

@@ -1,13 +1,14 @@
 """Client side of the control socket, for `crankllm status|prompt|new|tail`.
 
-Each function opens one connection, sends one request line and reads the reply;
-errors come back as ControlError with a message meant for the person at the
+Each function opens one connection, sends one request line and reads the reply.
+Errors are raised as ControlError, with a message meant for the person at the
 terminal. The protocol is in docs/control-protocol.md.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 from typing import TextIO
@@ -21,9 +22,26 @@ from appliance.service.control import (
     validate_prompt,
 )
 
+# The systemd service's socket, in its RuntimeDirectory=crankllm (systemd/crankllm.service).
+SERVICE_SOCKET = "/run/crankllm/control.sock"
 # Seconds to wait for the daemon's reply to status, prompt and new. The daemon
-# answers from its own thread, so only a hung daemon takes this long.
+# replies from its own thread, so only a hung daemon takes this long.
 REPLY_TIMEOUT_S = 10.0
+
+
+def default_socket(config, *, service_socket: str = SERVICE_SOCKET) -> str:
+    """Return the control socket the commands use when no --socket is given.
+
+    That is [service] control_socket if the configuration sets it, else the service's
+    socket if it exists, else the path a `crankllm run` started by hand listens on.
+    The service's socket comes before $XDG_RUNTIME_DIR because an ssh session has a
+    runtime folder of its own, which the service does not use.
+    """
+    if config.service.control_socket:
+        return config.effective_control_socket
+    if os.path.exists(service_socket):
+        return service_socket
+    return config.effective_control_socket
 
 
 def status(path: str, *, timeout: float = REPLY_TIMEOUT_S) -> dict:
@@ -92,9 +110,9 @@ def format_status(state: dict) -> str:
         ("detents", _detents(state.get("detents"))),
         ("display", state.get("display", "unknown")),
     ]
-    shown = {"state", "model", "bits_per_weight", "story_id", "tokens", "ctx_used", "n_ctx",
+    listed = {"state", "model", "bits_per_weight", "story_id", "tokens", "ctx_used", "n_ctx",
              "tokens_per_s", "ms_per_step", "detents", "display"}
-    rows += [(key.replace("_", " "), value) for key, value in state.items() if key not in shown]
+    rows += [(key.replace("_", " "), value) for key, value in state.items() if key not in listed]
     width = max(len(name) for name, _ in rows) + 1
     return "\n".join(f"{name + ':':<{width}} {value}" for name, value in rows)
 
@@ -223,13 +241,17 @@ def _connect(path: str, timeout: float) -> socket.socket:
         raise ControlError(f"crankllm on {path} did not accept the connection within {timeout:g} s") from None
     except OSError as err:
         sock.close()
-        raise ControlError(f"cannot connect to crankllm on {path}: {err.strerror or err}") from None
+        raise ControlError(f"connecting to crankllm on {path} failed: {err.strerror or err}") from None
     return sock
 
 
 def _send(sock: socket.socket, path: str, request: dict) -> None:
     try:
         sock.sendall(encode_message(request))
+    except (BrokenPipeError, ConnectionResetError):
+        # The server may have replied and closed first, as it does when it is
+        # serving its maximum number of connections. The reply read next gives the reason.
+        pass
     except TimeoutError:
         raise ControlError(f"crankllm on {path} did not take the request in time") from None
     except OSError as err:
@@ -264,4 +286,7 @@ def _check_reply(path: str, reply: dict) -> dict:
     raise ControlError(str(reply.get("error") or f"crankllm on {path} rejected the request"))
 
 
-__all__ = ["format_status", "new_story", "send_prompt", "status", "tail", "REPLY_TIMEOUT_S"]
+__all__ = [
+    "default_socket", "format_status", "new_story", "send_prompt", "status", "tail",
+    "REPLY_TIMEOUT_S", "SERVICE_SOCKET",
+]

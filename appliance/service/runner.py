@@ -12,8 +12,10 @@ from appliance import __version__
 from appliance.crank.events import CrankQueue
 from appliance.crank.source import open_crank
 from appliance.display import open_display
+from appliance.service.control import ControlServer
 from appliance.service.daemon import Daemon, Reload
 from appliance.service.notify import Notifier
+from appliance.service.serial_console import SerialConsole
 from appliance.service.transcript import TranscriptWriter
 
 log = logging.getLogger(__name__)
@@ -40,11 +42,18 @@ class Appliance:
     queue: CrankQueue
     crank: object
     display: object
+    control: ControlServer | None = None
+    console: SerialConsole | None = None
 
     def close(self) -> None:
         self.queue.close()
         self.daemon.join()
+        # The mirrors close after the worker, so they still receive the last story_ended.
         try:
+            if self.console is not None:
+                self.console.close()
+            if self.control is not None:
+                self.control.close()
             if self.crank is not None:
                 self.crank.close()
         finally:
@@ -62,8 +71,11 @@ def assemble(
     prepare_missing_model: bool = False,
     config_loader=None,
     mirrors=None,
+    control_socket: str | None = None,
 ) -> Appliance:
     """Open the display, the crank input and the transcript store, then start the daemon.
+
+    ``control_socket`` is the path for the control socket, or None for none.
 
     Raises what failed (ConfigError, ModelError, DevicePermissionError, ...) after
     closing what was already opened.
@@ -77,6 +89,8 @@ def assemble(
     )
     display = None
     crank = None
+    control = None
+    console = None
     try:
         display = open_display(**display_options(config.display, **(display_overrides or {})))
         serial = config.serial
@@ -115,15 +129,30 @@ def assemble(
             prepare_missing_model=prepare_missing_model,
             config_loader=config_loader,
         )
+        # Mirrors are added before the worker starts, because the worker iterates the list.
+        if control_socket:
+            control = ControlServer(control_socket, snapshot=daemon.snapshot, post=daemon.post)
+            control.start()
+            daemon.mirrors.append(control)
+        if serial.mode == "console":
+            console = SerialConsole(serial.port, serial.baudrate, post=daemon.post, max_line=serial.max_line)
+            console.start()
+            daemon.mirrors.append(console)
         daemon.start()
     except BaseException:
         queue.close()
+        if console is not None:
+            console.close()
+        if control is not None:
+            control.close()
         if crank is not None:
             crank.close()
         if display is not None:
             display.close()
         raise
-    return Appliance(daemon=daemon, queue=queue, crank=crank, display=display)
+    return Appliance(
+        daemon=daemon, queue=queue, crank=crank, display=display, control=control, console=console
+    )
 
 
 def run_service(config, *, config_loader) -> int:
@@ -135,7 +164,9 @@ def run_service(config, *, config_loader) -> int:
     handled = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
     signal.pthread_sigmask(signal.SIG_BLOCK, handled)
     log.info("crankllm %s starting; config files: %s", __version__, ", ".join(config.files) or "none (built-in defaults)")
-    appliance = assemble(config, config_loader=config_loader)
+    appliance = assemble(
+        config, config_loader=config_loader, control_socket=config.effective_control_socket
+    )
     stopped = threading.Event()
 
     def wait_for_worker():

@@ -67,9 +67,8 @@ class PromptLineReader:
     """Split serial input into prompt lines and call ``on_line`` with each decoded line.
 
     Not thread-safe: one reader feeds it. CR and LF never occur inside a multi-byte
-    UTF-8 sequence, so lines are split on bytes and each whole line is decoded with
-    replacement characters for invalid bytes; a character split across two reads
-    is joined before it is decoded.
+    UTF-8 sequence, so lines are split on bytes, and a character split across two
+    reads is joined before its line is decoded. Invalid bytes become U+FFFD.
     """
 
     def __init__(self, *, max_line: int, on_line: Callable[[str], None], on_overlong: Callable[[], None]):
@@ -192,8 +191,8 @@ class SerialConsole:
     def start(self) -> None:
         """Open the port if it is there and start the reader and writer threads.
 
-        Raises DevicePermissionError if the port exists but may not be opened; a
-        missing port is retried in the background, as it may be plugged in later.
+        Raises DevicePermissionError if the port exists but may not be opened. A
+        missing port is retried in the background, because it may be plugged in later.
         """
         if self._reader is not None:
             raise RuntimeError("serial console already started")
@@ -232,7 +231,8 @@ class SerialConsole:
         with self._cond:
             return ConsoleCounters(**self._counts)
 
-    # -- Mirror: called on the worker thread, never blocks ---------------------------------
+    # -- Mirror: called on the worker thread -----------------------------------------------
+    # These hold the lock briefly and never touch the port; only a buffer overflow logs.
 
     def story_started(self, story_id: int, prompt: str) -> None:
         one_line = " ".join(prompt.split())
