@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from appliance import __version__
 from appliance.errors import CrankError
 
 log = logging.getLogger("appliance.cli")
+
+SERVICE_SIGNALS = {signal.SIGINT, signal.SIGHUP, signal.SIGTERM}
 
 
 def _model_prepare(args) -> int:
@@ -48,6 +51,10 @@ def _config_show(args) -> int:
 
 
 def _run(args) -> int:
+    # Block the service's signals before anything can start a thread, so every thread
+    # inherits the mask and only run_service's sigwait() receives them; a thread with
+    # SIGHUP unblocked would let the default action kill the process.
+    signal.pthread_sigmask(signal.SIG_BLOCK, SERVICE_SIGNALS)
     from appliance.config import load_config
     from appliance.service.journal import setup_logging
     from appliance.service.runner import run_service

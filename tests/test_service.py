@@ -287,3 +287,22 @@ def test_hung_decode_stops_watchdog(tmp_path, default_model, monkeypatch):
         appliance.daemon.stop()
         appliance.close()
         listener.close()
+
+
+def test_sighup_reloads_config(box, notify):
+    notify.wait_for("READY=1")
+    text = box.config.read_text(encoding="utf-8")
+    box.config.write_text(text.replace("[crank]", "[crank]\nbogus_key = 1\n", 1), encoding="utf-8")
+    box.process.send_signal(signal.SIGHUP)
+    time.sleep(1.0)
+    box.config.write_text(text.replace("n_ctx = 256", "n_ctx = 128"), encoding="utf-8")
+    box.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(box.stories()) < 2:
+        time.sleep(0.05)
+    assert box.stop() == 0
+    log = box.process.stderr.read()
+    assert "reload failed, keeping the running configuration" in log
+    assert "bogus_key" in log
+    assert "model settings changed: reloading the model" in log
+    assert box.process.returncode == 0

@@ -36,6 +36,8 @@ START_EXTENSION_USEC = 120_000_000
 RATE_WINDOW_S = 5.0
 # STATUS= is sent at most this often while cranking; systemctl status shows it.
 STATUS_INTERVAL_S = 1.0
+# How long a passing message ("display back", "model error") stays on screen.
+FLASH_S = 5.0
 
 
 # -- events the worker understands besides the crank's Step, Rewind and Press -----------
@@ -168,6 +170,9 @@ class Daemon:
         self.prompts: tuple[str, ...] = tuple(config.all_prompts)
         self.prompt_index = 0
         self.message = ""
+        self._flash_text = ""
+        self._flash_until = 0.0
+        self._display_reconnects = 0
         self._step_times: collections.deque[float] = collections.deque()
         self._last_watchdog = 0.0
         self._last_status = 0.0
@@ -290,16 +295,16 @@ class Daemon:
         with self._lock:
             self.stats.story_id += 1
         self.message = ""
+        rejected = False
         try:
             self.stats.prefill_ms = self.engine.prime(prompt)
         except PromptTooLongError as err:
-            log.warning("prompt rejected: %s", err)
-            self.message = "prompt too long"
-            if prompt != self.prompts[0]:
-                self.stats.prefill_ms = self.engine.prime(self.prompts[0])
-                prompt = self.prompts[0]
-            else:
+            if prompt == self.prompts[0]:
                 raise
+            log.warning("prompt rejected: %s; using the first configured prompt", err)
+            rejected = True
+            prompt = self.prompts[0]
+            self.stats.prefill_ms = self.engine.prime(prompt)
         self._step_times.clear()
         story_id = self.stats.story_id
         log.info(
@@ -311,7 +316,10 @@ class Daemon:
             self.transcripts.start_story(story_id, self._transcript_header(prompt))
         for mirror in self.mirrors:
             mirror.story_started(story_id, prompt)
-        self._show()
+        if rejected:
+            self._flash("prompt too long")
+        else:
+            self._show()
 
     def _end_story(self, reason: str) -> None:
         if self.engine is None or not self.engine.prompt_tokens:
@@ -354,9 +362,9 @@ class Daemon:
         try:
             result = engine.step()
         except EngineError as err:
-            log.error("decode failed: %s; restarting the story", err)
-            self.message = "model error"
+            log.error("decode failed: %s; restarting story %d", err, self.stats.story_id)
             self._new_story(engine.prompt)
+            self._flash("model error")
             return
         if result.event == "end":
             if self.message != "the end":
@@ -427,6 +435,18 @@ class Daemon:
         span = max(now - times[0], times[-1] - times[0])
         return (len(times) - 1) / span if span > 0 else 0.0
 
+    def _flash(self, text: str) -> None:
+        """Show ``text`` in the message row for FLASH_S seconds."""
+        self._flash_text = text
+        self._flash_until = self.clock() + FLASH_S
+        self._show()
+
+    def _current_message(self) -> str:
+        if self._flash_text and self.clock() < self._flash_until:
+            return self._flash_text
+        self._flash_text = ""
+        return self.message
+
     def _show(self, message: str | None = None) -> None:
         if self.display is None:
             return
@@ -439,13 +459,20 @@ class Daemon:
                 n_ctx=engine.n_ctx if engine else 0,
                 tokens_per_s=self.tokens_per_second(),
                 ms_per_step=self.stats.last_step_ms,
-                message=self.message if message is None else message,
+                message=self._current_message() if message is None else message,
             )
         )
 
     def _activity(self) -> None:
-        if self.display is not None:
-            self.display.activity()
+        """Wake the display for a crank event, and say so when the panel came back."""
+        if self.display is None:
+            return
+        self.display.activity()
+        stats = getattr(self.display, "stats", None)
+        if stats is not None and stats.reconnects > self._display_reconnects:
+            self._display_reconnects = stats.reconnects
+            log.info("display back after %d reconnects in total", stats.reconnects)
+            self._flash("display back")
 
     def _status_line(self) -> str:
         tokens = self.engine.n_generated if self.engine else 0
@@ -497,7 +524,13 @@ class Daemon:
         if self.display is None:
             return "none"
         stats = getattr(self.display, "stats", None)
-        return str(stats) if stats is not None else "on"
+        if stats is None:
+            return "on"
+        state = "connected" if stats.connected else "not responding (retrying)"
+        return (
+            f"{state}, {stats.frames_sent} frames, {stats.bytes_sent} bytes sent, "
+            f"{stats.errors} errors, {stats.reconnects} reconnects"
+        )
 
     # -- reload and shutdown ---------------------------------------------------------
 
