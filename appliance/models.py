@@ -183,11 +183,16 @@ def _quantize(source: str, target: str, quant: str, *, stream) -> int | None:
     params.allow_requantize = True
     params.nthread = default_threads()
     llama_cpp.llama_backend_init()
-    with llama_log.listening(on_line):
+    with llama_log.listening(on_line, quiet=True):
         rc = llama_cpp.llama_model_quantize(source.encode(), target.encode(), ctypes.byref(params))
     if rc != 0:
         raise ModelPrepareError(f"llama_model_quantize failed with code {rc} for {quant}")
     progress.finish()
+    if fallback:
+        log.info(
+            "llama.cpp stored %d tensors in a fallback type because their rows do not fit "
+            "%s's blocks", fallback[-1], quant,
+        )
     return fallback[-1] if fallback else None
 
 

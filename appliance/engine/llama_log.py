@@ -34,12 +34,13 @@ _pending: list[str] = []
 _pending_level = logging.DEBUG
 _listeners: list[Callable[[str], None]] = []
 _callback = None
+_quiet = 0
 
 
 def _emit(line: str, level: int) -> None:
     for listener in list(_listeners):
         listener(line)
-    log.log(level, "%s", line)
+    log.log(logging.DEBUG if _quiet else level, "%s", line)
 
 
 def _on_log(level: int, text: bytes, _user_data) -> None:
@@ -71,18 +72,29 @@ def install() -> None:
 
 
 class listening:
-    """Context manager that passes every llama.cpp log line to ``listener`` meanwhile."""
+    """Context manager that passes every llama.cpp log line to ``listener`` meanwhile.
 
-    def __init__(self, listener: Callable[[str], None]):
+    With ``quiet``, warnings are logged at debug level meanwhile: the quantizer warns
+    once per tensor that falls back, which the caller summarises in one line instead.
+    """
+
+    def __init__(self, listener: Callable[[str], None], *, quiet: bool = False):
         self.listener = listener
+        self.quiet = quiet
 
     def __enter__(self):
+        global _quiet
         install()
         _listeners.append(self.listener)
+        if self.quiet:
+            _quiet += 1
         return self
 
     def __exit__(self, *exc):
+        global _quiet
         _listeners.remove(self.listener)
+        if self.quiet:
+            _quiet -= 1
         return False
 
 
