@@ -21,6 +21,21 @@ if ! command -v systemd-analyze >/dev/null 2>&1; then
     fi
 fi
 
+# The system test (tests/test_system.py) boots the unit under a real systemd in a
+# systemd-nspawn container built with debootstrap. CI runs as root, so install both
+# there. --no-install-recommends: systemd-container recommends libnss-mymachines,
+# which adds itself to the host's /etc/nsswitch.conf.
+if ! command -v debootstrap >/dev/null 2>&1 || ! command -v systemd-nspawn >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        step "installing debootstrap and systemd-container for the system test"
+        apt-get update -qq && apt-get install -y -qq --no-install-recommends \
+            debootstrap debian-archive-keyring systemd-container >/dev/null \
+            || printf 'note: could not install debootstrap and systemd-container; the system test will be skipped\n'
+    else
+        printf 'note: debootstrap or systemd-nspawn not found; the system test will be skipped (Debian: sudo apt install --no-install-recommends debootstrap systemd-container)\n'
+    fi
+fi
+
 step "preparing the default model"
 "$venv/bin/crankllm" model prepare
 

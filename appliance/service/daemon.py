@@ -244,8 +244,9 @@ class Daemon:
         self.notifier.extend_timeout(START_EXTENSION_USEC)
         self._start_story(self.prompts[0])
         self.stats.state = "ready"
-        self.notifier.ready(self._status_line())
+        # Logged before READY=1 so the journal shows it before systemd's "Started" line.
         log.info("ready: crank to generate (model %s)", os.path.basename(self.model_path))
+        self.notifier.ready(self._status_line())
 
     def _loop(self) -> None:
         while True:
