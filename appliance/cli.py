@@ -104,6 +104,14 @@ def _new(args) -> int:
     return 0
 
 
+def _crank(args) -> int:
+    from appliance.service import control_client
+
+    control_client.crank(_control_path(args), args.detents)
+    print(f"cranked {args.detents:+d} detents")
+    return 0
+
+
 def _tail(args) -> int:
     from appliance.service import control_client
 
@@ -213,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     prompt_command.add_argument("text", metavar="TEXT")
     _add_control_options(prompt_command)
     prompt_command.set_defaults(handler=_prompt)
+    crank = commands.add_parser(
+        "crank", help="turn the crank of the running appliance by DETENTS (negative: back)"
+    )
+    crank.add_argument("detents", metavar="DETENTS", type=int)
+    _add_control_options(crank)
+    crank.set_defaults(handler=_crank)
     return parser
 
 

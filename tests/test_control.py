@@ -655,3 +655,25 @@ def test_client_reports_permission_denied(make_server):
             message = str(caught.value)
     assert f"permission denied on {path}" in message
     assert "sudo usermod -aG crankllm $USER" in message
+
+
+def test_crank_turns_detents(make_server, socket_path):
+    turned = []
+    make_server(crank=turned.append)
+    client.crank(socket_path, 3)
+    client.crank(socket_path, -2)
+    assert turned == [1, 1, 1, -1, -1]
+
+
+@pytest.mark.parametrize("detents", [0, 1001, -1001, "3", 2.5, True, None])
+def test_crank_rejects_invalid_detents(make_server, socket_path, detents):
+    turned = []
+    make_server(crank=turned.append)
+    with pytest.raises(ControlError, match="invalid detents"):
+        client.crank(socket_path, detents)
+    assert turned == []
+
+
+def test_crank_without_crank_rejected(server, socket_path):
+    with pytest.raises(ControlError, match="takes no crank commands"):
+        client.crank(socket_path, 1)

@@ -326,11 +326,25 @@ def test_control_socket_answers_status(service):
     assert service.show("MainPID")["MainPID"] == values["MainPID"]
 
 
+CRANK_DETENTS = 12
+
+
 def test_stop_exits_cleanly_with_transcript_flushed(service):
     running = service.ensure_active()
     # Start a second story from the control socket, so that the stop ends a story
     # that began after start-up.
     service.container.run(CRANKLLM, "prompt", CONTROL_PROMPT)
+    # Turn the crank through the control socket, the only way in from outside the
+    # sandbox, and wait until the worker has handled every detent.
+    service.container.run(CRANKLLM, "crank", str(CRANK_DETENTS))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        status = service.container.run(CRANKLLM, "status").stdout
+        if "pending 0" in status and f"received {CRANK_DETENTS}," in status:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"the crank detents were not handled in time:\n{status}")
 
     result = service.systemctl("stop", UNIT, timeout=STOP_TIMEOUT_S)
     assert result.returncode == 0, f"systemctl stop failed: {result.stderr}\n{service.journal_text()}"
@@ -347,8 +361,9 @@ def test_stop_exits_cleanly_with_transcript_flushed(service):
     record = read_transcript(str(story_file))
     assert record.complete, f"{story_file.name} has no footer"
     assert record.end_reason == "stop"
-    assert record.tokens == 0
-    assert record.text == ""
+    # The model may end its text before the last detent, so fewer tokens are possible.
+    assert 0 < record.tokens <= CRANK_DETENTS
+    assert record.text.strip()
     assert record.header["story"] == 2
     assert record.header["prompt"] == CONTROL_PROMPT
     assert record.header["model"].startswith(systemroot.MODELS_DIR + "/")

@@ -43,7 +43,9 @@ MAX_PROMPT_CHARS = 2000
 # Longest reply or event line a client accepts. Event lines are much shorter: story
 # text is sent in pieces of REPLAY_CHUNK_CHARS, and prompts are limited by n_ctx.
 MAX_REPLY_BYTES = 1 << 20
-COMMANDS = ("status", "prompt", "new", "tail")
+COMMANDS = ("status", "prompt", "new", "tail", "crank")
+# Detents one crank request may carry, either way: a few revolutions of a real crank.
+MAX_CRANK_DETENTS = 1000
 
 MAX_CONNECTIONS = 32
 # A client must send its request, and read its reply, within this many seconds.
@@ -153,7 +155,7 @@ def parse_request(line: bytes) -> dict:
     if command not in COMMANDS:
         quoted = json.dumps(command, ensure_ascii=False)[:40]
         raise ControlError(f"unknown command {quoted}; expected one of {', '.join(COMMANDS)}")
-    allowed = {"command", "text"} if command == "prompt" else {"command"}
+    allowed = {"prompt": {"command", "text"}, "crank": {"command", "detents"}}.get(command, {"command"})
     unexpected = sorted(set(request) - allowed)
     if unexpected:
         quoted = json.dumps(unexpected[0], ensure_ascii=False)[:40]
@@ -162,6 +164,14 @@ def parse_request(line: bytes) -> dict:
         if "text" not in request:
             raise ControlError("prompt request has no \"text\" field")
         validate_prompt(request["text"])
+    if command == "crank":
+        detents = request.get("detents")
+        if isinstance(detents, bool) or not isinstance(detents, int) or detents == 0 \
+                or abs(detents) > MAX_CRANK_DETENTS:
+            raise ControlError(
+                f"invalid detents {json.dumps(detents)[:40]}: expected a non-zero integer from "
+                f"-{MAX_CRANK_DETENTS} to {MAX_CRANK_DETENTS} (negative turns back)"
+            )
     return request
 
 
@@ -236,9 +246,10 @@ class ControlServer:
     """Serve the control socket at ``path`` and stream the story to tail clients.
 
     ``snapshot`` returns the daemon's state as a JSON-able dict, and ``post`` hands
-    an event (PromptRequest, NewStory) to the worker. The server's thread calls
-    both, so they must not block. The socket gets ``mode``, and ``group`` when
-    that group exists.
+    an event (PromptRequest, NewStory) to the worker. ``crank`` takes one detent
+    (+1 or -1) into the crank queue, like an encoder callback; without it the crank
+    command is rejected. The server's thread calls all three, so they must not block.
+    The socket gets ``mode``, and ``group`` when that group exists.
     """
 
     def __init__(
@@ -247,6 +258,7 @@ class ControlServer:
         *,
         snapshot: Callable[[], dict],
         post: Callable[[object], None],
+        crank: Callable[[int], None] | None = None,
         group: str | None = "crankllm",
         mode: int = 0o660,
         max_connections: int = MAX_CONNECTIONS,
@@ -272,6 +284,7 @@ class ControlServer:
         self.tail_buffer = tail_buffer
         self._snapshot = snapshot
         self._post = post
+        self._crank = crank
         self._clock = clock
 
         # The lock guards what the worker thread touches: the story, the followers'
@@ -637,6 +650,8 @@ class ControlServer:
                 self._post(_daemon_events().NewStory())
                 log.info("new story requested from the control socket")
                 self._reply(conn, {"ok": True})
+            elif command == "crank":
+                self._turn(conn, request["detents"])
             else:
                 self._follow(conn)
         except Exception as err:  # snapshot() and post() belong to the daemon; keep serving others
@@ -645,6 +660,16 @@ class ControlServer:
                 "ok": False,
                 "error": f"{command} failed inside crankllm ({err}); see journalctl -u crankllm",
             })
+
+    def _turn(self, conn: _Connection, detents: int) -> None:
+        if self._crank is None:
+            self._reject(conn, ControlError("this crankllm takes no crank commands"))
+            return
+        direction = 1 if detents > 0 else -1
+        for _ in range(abs(detents)):
+            self._crank(direction)
+        log.info("crank command from the control socket: %+d detents", detents)
+        self._reply(conn, {"ok": True})
 
     def _reject(self, conn: _Connection, err: ControlError) -> None:
         self.counts["rejected"] += 1

@@ -64,6 +64,11 @@ def new_story(path: str, *, timeout: float = REPLY_TIMEOUT_S) -> None:
     _request(path, {"command": "new"}, timeout)
 
 
+def crank(path: str, detents: int, *, timeout: float = REPLY_TIMEOUT_S) -> None:
+    """Turn the crank by ``detents`` (negative turns back), as if by hand."""
+    _request(path, {"command": "crank", "detents": detents}, timeout)
+
+
 def tail(
     path: str,
     out: TextIO | None = None,

@@ -131,7 +131,9 @@ def assemble(
         )
         # Mirrors are added before the worker starts, because the worker iterates the list.
         if control_socket:
-            control = ControlServer(control_socket, snapshot=daemon.snapshot, post=daemon.post)
+            control = ControlServer(
+                control_socket, snapshot=daemon.snapshot, post=daemon.post, crank=queue.put_detent
+            )
             control.start()
             daemon.mirrors.append(control)
         if serial.mode == "console":
