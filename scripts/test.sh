@@ -9,6 +9,23 @@ source "$(dirname "$0")/setup-env.sh"
 check_prerequisites
 install_project
 
+# systemd-python (in the pi extra) builds against libsystemd. With it installed, the
+# journal tests run instead of being skipped.
+if ! "$venv/bin/python" -c 'import systemd.journal' 2>/dev/null; then
+    if ! pkg-config --exists libsystemd 2>/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        step "installing libsystemd-dev and pkg-config for systemd-python"
+        apt-get update -qq && apt-get install -y -qq --no-install-recommends libsystemd-dev pkg-config >/dev/null \
+            || printf 'note: could not install libsystemd-dev; the journal tests will be skipped\n'
+    fi
+    if pkg-config --exists libsystemd 2>/dev/null; then
+        step "installing systemd-python"
+        "$venv/bin/python" -m pip install --disable-pip-version-check -q 'systemd-python>=235' \
+            || printf 'note: systemd-python did not build; the journal tests will be skipped\n'
+    else
+        printf 'note: libsystemd not found; the journal tests will be skipped (Debian: sudo apt install libsystemd-dev pkg-config)\n'
+    fi
+fi
+
 # The unit-file tests need systemd-analyze. Debian's systemd package provides it even on a
 # machine that does not boot with systemd; CI runs as root, so install it there.
 if ! command -v systemd-analyze >/dev/null 2>&1; then

@@ -443,3 +443,12 @@ def test_flush_reports_running_period():
     rate_limit.flush()
     assert len(emitted) == 1
     assert emitted[0].getMessage() == "suppressed 2 repeats of 'again' in 0 s"
+
+
+def test_notify_socket_without_journald_logs_to_stderr(monkeypatch, root_logger):
+    monkeypatch.setattr(journal, "JOURNAL_SOCKET", "/nonexistent/journal/socket")
+    stream = io.StringIO()
+    handler = journal.setup_logging("info", env={"NOTIFY_SOCKET": "/run/notify"}, stream=stream)
+    logging.getLogger("appliance.test").info("still visible")
+    assert isinstance(handler, logging.StreamHandler)
+    assert "<6>appliance.test: still visible" in stream.getvalue()

@@ -196,7 +196,16 @@ class RateLimitFilter(logging.Filter):
 _installed: tuple[logging.Handler, RateLimitFilter] | None = None
 
 
+# journald's socket for structured records (sd_journal_sendv writes here).
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+
+
 def _journal_handler() -> logging.Handler | None:
+    # A notify socket does not prove journald runs (a test harness or another
+    # supervisor can set NOTIFY_SOCKET), and without its socket JournalHandler's
+    # records would be lost, so stderr takes over then.
+    if not os.path.exists(JOURNAL_SOCKET):
+        return None
     try:
         from systemd.journal import JournalHandler
     except ImportError:
