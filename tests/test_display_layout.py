@@ -108,17 +108,26 @@ def test_no_message_leaves_row_dark(layout):
 
 
 def test_status_prefers_detailed_form(layout):
+    # A 100-token context fits the used/total form, but not with three-digit token
+    # counts, so the percent form is chosen from the start.
     state = DisplayState(tokens=5, ctx_used=10, n_ctx=100, tokens_per_s=1.0, ms_per_step=50)
-    assert layout.status(state) == "5t 10/100 1.0/s 50ms"
+    assert layout.status(state) == "5t c10% 1.0/s 50ms"
+
+
+def test_status_form_stays_as_figures_grow(layout):
+    small = DisplayState(tokens=9, ctx_used=20, n_ctx=512, tokens_per_s=9.5, ms_per_step=9)
+    large = DisplayState(tokens=400, ctx_used=450, n_ctx=512, tokens_per_s=12.0, ms_per_step=120)
+    assert layout.status(small) == "9t c4% 9.5/s 9ms"
+    assert layout.status(large) == "400t c88% 12/s 120ms"
 
 
 def test_status_falls_back_to_percent(layout):
     state = DisplayState(tokens=1234, ctx_used=1500, n_ctx=2048, tokens_per_s=12.4, ms_per_step=1520)
-    assert layout.status(state) == "1234t c73% 12/s 1.5s"
+    assert layout.status(state) == "1234t c73% 12/s"
 
 
 def test_status_without_context(layout):
-    assert layout.status(DisplayState(tokens=3, tokens_per_s=0.5, ms_per_step=9)) == "3 tok  0.5 tok/s  9ms"
+    assert layout.status(DisplayState(tokens=3, tokens_per_s=0.5, ms_per_step=9)) == "3t 0.5/s 9ms"
 
 
 def test_status_survives_odd_numbers(layout):

@@ -12,6 +12,7 @@ of text plus the status bar, which is what the page-diff writer sends.
 """
 
 import math
+from dataclasses import replace
 
 from PIL import Image, ImageDraw
 
@@ -128,10 +129,24 @@ class Layout:
         return text + _ELLIPSIS
 
     def status(self, state: DisplayState) -> str:
-        """Return the status bar text for ``state``: the most detailed form that fits."""
+        """Return the status bar text for ``state``: the most detailed form that fits.
+
+        The form must also fit typical wide figures (a three-digit token count, 99 %
+        of the context, "9.9" tok/s, "999ms"), so the bar keeps one form while the
+        figures change instead of switching back and forth as a number gains a digit.
+        """
         candidates = format_status(state)
-        for candidate in candidates:
-            if self.font.measure(candidate) <= self.width:
+        widest = format_status(
+            replace(
+                state,
+                tokens=max(state.tokens, 999),
+                ctx_used=max(state.ctx_used, state.n_ctx * 99 // 100),
+                tokens_per_s=9.9,
+                ms_per_step=999.0,
+            )
+        )
+        for candidate, wide in zip(candidates, widest, strict=True):
+            if self.font.measure(wide) <= self.width and self.font.measure(candidate) <= self.width:
                 return candidate
         return self._fit(candidates[-1], self.width)
 
