@@ -37,9 +37,21 @@ def _model_info(args) -> int:
 def _config_check(args) -> int:
     from appliance.config import load_config
 
+    from appliance import models
+    from appliance.engine.gguf import read_gguf
+
     config = load_config(args.config)
+    # The same file checks the daemon runs before llama.cpp sees the model.
+    if config.model.path:
+        read_gguf(config.model.path)
+        model = config.model.path
+    else:
+        model = f"{models.default_model_path()} (default)"
+        if not models.default_model_path().exists():
+            model += "; not prepared yet: run `crankllm model prepare`"
     read = ", ".join(config.files) if config.files else "no file (built-in defaults)"
     print(f"configuration is valid: {read}")
+    print(f"model: {model}")
     return 0
 
 
@@ -92,7 +104,7 @@ def _prompt(args) -> int:
     from appliance.service import control_client
 
     control_client.send_prompt(_control_path(args), args.text)
-    print("prompt queued: the next story starts from it")
+    print("new story started from the prompt")
     return 0
 
 

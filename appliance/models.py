@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.engine import llama_log
-from appliance.engine.gguf import LLAMA_FTYPES, GGUFInfo, read_gguf
-from appliance.errors import ModelPrepareError
+from appliance.engine.gguf import GGML_TYPES, LLAMA_FTYPES, GGUFInfo, read_gguf
+from appliance.errors import ConfigError, ModelFileError, ModelPrepareError
 from appliance.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -230,11 +230,15 @@ def prepare(
     stream = stream if stream is not None else sys.stderr
     quant = quant.upper()
     if quant not in LLAMA_FTYPES:
-        raise ModelPrepareError(
+        raise ConfigError(
             f"unknown quantization type {quant!r}; choose one of {', '.join(LLAMA_FTYPES)}"
         )
     src = Source.parse(source)
     if src.kind == "file":
+        if not os.path.exists(src.location):
+            raise ModelFileError(
+                f"source file not found: {source}; pass an existing .gguf file or an http(s) URL"
+            )
         read_gguf(src.location)
     out = Path(output) if output else model_dir(system=system) / f"{src.basename()}.{quant}.gguf"
     identity = _identity(src, quant)
@@ -293,6 +297,14 @@ def ensure_default_model(*, system: bool = False, stream=None) -> Path:
     return prepare(None, output=path, system=system, stream=stream)
 
 
+def _nominal_bits(type_name: str | None) -> float | None:
+    """Return the bits per weight of one block of ggml type ``type_name`` (Q2_K: 2.625)."""
+    for name, block, block_bytes in GGML_TYPES.values():
+        if name == type_name:
+            return block_bytes * 8 / block
+    return None
+
+
 def describe(info: GGUFInfo) -> str:
     """Return the facts `crankllm model info` prints about a GGUF file."""
     fallen, matrices, by_type = info.fallbacks()
@@ -313,12 +325,14 @@ def describe(info: GGUFInfo) -> str:
             f"{info.file_type}'s main type ({types})"
         )
         widths = sorted({t.shape[0] for t in info.tensors if len(t.shape) >= 2 and t.shape[0] % 256})
-        if widths and info.file_type and "K" in info.file_type:
+        main_type = LLAMA_FTYPES[info.file_type][1] if info.file_type else None
+        nominal = _nominal_bits(main_type)
+        if widths and nominal and main_type.endswith("_K"):
             lines.append(
                 f"note:            rows {', '.join(map(str, widths))} wide are not a multiple "
                 "of 256, which K-quants need, so llama.cpp stores those tensors in a "
                 f"32-block type instead: this file averages {info.bits_per_weight:.2f} bits "
-                "per weight, not the ~2.6 of a pure Q2_K"
+                f"per weight, not the {nominal:.2f} of pure {main_type} blocks"
             )
     if info.unknown_types:
         lines.append(

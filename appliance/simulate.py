@@ -7,6 +7,7 @@ crank is turned by the keyboard, or by a script such as "40cw,5ccw,press,30cw".
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -17,6 +18,7 @@ import time
 import tty
 from dataclasses import dataclass
 
+from appliance import models
 from appliance.config import load_config
 from appliance.errors import ConfigError
 from appliance.service.daemon import Daemon
@@ -156,6 +158,32 @@ class KeyboardCrank:
             self.driver.turn_ccw(1)
 
 
+@contextlib.contextmanager
+def _logging_to_file(path):
+    """Send the root logger's records to ``path`` meanwhile, then restore its handlers."""
+    root = logging.getLogger()
+    saved = list(root.handlers)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.handlers[:] = [handler]
+    try:
+        yield
+    finally:
+        root.handlers[:] = saved
+        handler.close()
+
+
+def _check_writable_directory(path: str) -> None:
+    """Create ``path`` if needed; raise ConfigError when transcripts cannot be written there."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot create the transcript folder {path}: {err.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"the transcript folder {path} is not writable; pass another --transcript")
+
+
 def summary(appliance: Appliance) -> str:
     daemon = appliance.daemon
     counters = appliance.queue.counters()
@@ -168,7 +196,8 @@ def summary(appliance: Appliance) -> str:
         f"{counters.rewound} rewound, {counters.cancelled} cancelled, {counters.dropped} dropped, "
         f"{counters.ignored} ignored",
         f"tokens:           {stats.tokens} generated, {stats.rewound_tokens} rewound, "
-        f"{stats.story_id} stories",
+        f"{stats.story_id} stories, {stats.steps_after_end} steps after a story's end "
+        "(no token)",
         f"decode:           {per_step:.1f} ms per step",
         f"model:            {daemon.model_path}",
         f"bits per weight:  {bits}",
@@ -183,37 +212,54 @@ def run(args) -> int:
         overrides["model"] = {"seed": args.seed}
     config = load_config(args.config, overrides=overrides)
     interactive = args.script is None
+    if args.rpm < 0:
+        raise ConfigError(f"invalid --rpm {args.rpm:g}: expected 0 (lockstep) or more revolutions per minute")
+    if args.detents_per_rev < 1:
+        raise ConfigError(f"invalid --detents-per-rev {args.detents_per_rev}: expected 1 or more")
+    if args.transcript:
+        _check_writable_directory(args.transcript)
     if args.display:
         display = parse_display(args.display)
     elif interactive and sys.stdout.isatty():
         display = {"driver": "terminal"}
     else:
         display = {"driver": "dummy"}
-    actions = parse_script(args.script) if args.script else None
+    actions = None if interactive else parse_script(args.script)
     if interactive and not sys.stdin.isatty():
         raise ConfigError("simulate needs a terminal for the keyboard crank; pass --script for scripted runs")
-    factory = MockFactory()
-    appliance = assemble(
-        config,
-        pin_factory=factory,
-        display_overrides=display,
-        transcripts_dir=args.transcript,
-        prepare_missing_model=True,
-    )
-    try:
-        driver = appliance.crank.driver
-        if interactive:
-            print(KeyboardCrank.KEYS, file=sys.stderr)
-            KeyboardCrank(driver).run()
-        else:
-            rate = args.rpm * args.detents_per_rev / 60.0
-            ScriptedCrank(driver, appliance.daemon, interval=1.0 / rate if rate > 0 else 0.0).run(actions)
-        if appliance.display is not None:
-            appliance.display.flush(timeout=10)
-        appliance.daemon.stop()
-        appliance.daemon.join()
-    finally:
-        appliance.close()
+    if not config.model.path:
+        # Prepared here, before the emulated OLED takes over the terminal.
+        models.ensure_default_model()
+
+    # Log lines printed under the in-place frame would be overwritten by its next
+    # redraw, so the keyboard simulator logs to a file and shows the keys above it.
+    on_terminal = interactive and display["driver"] == "terminal"
+    log_path = models.user_model_dir().parent / "simulate.log"
+    with _logging_to_file(log_path) if on_terminal else contextlib.nullcontext():
+        if on_terminal:
+            print(f"{KeyboardCrank.KEYS}\n(log: {log_path})", file=sys.stderr)
+        appliance = assemble(
+            config,
+            pin_factory=MockFactory(),
+            display_overrides=display,
+            transcripts_dir=args.transcript,
+            prepare_missing_model=True,
+        )
+        try:
+            driver = appliance.crank.driver
+            if interactive:
+                if not on_terminal:
+                    print(KeyboardCrank.KEYS, file=sys.stderr)
+                KeyboardCrank(driver).run()
+            else:
+                rate = args.rpm * args.detents_per_rev / 60.0
+                ScriptedCrank(driver, appliance.daemon, interval=1.0 / rate if rate > 0 else 0.0).run(actions)
+            if appliance.display is not None:
+                appliance.display.flush(timeout=10)
+            appliance.daemon.stop()
+            appliance.daemon.join()
+        finally:
+            appliance.close()
     print(summary(appliance))
     if args.print_story and appliance.daemon.engine is not None:
         print("\nstory:\n" + appliance.daemon.engine.text)

@@ -53,7 +53,7 @@ install_project() {
         return
     fi
     if ! "$venv/bin/python" -c 'import llama_cpp' 2>/dev/null; then
-        step "building llama-cpp-python from source: about 4 minutes on a 2-core PC, 20 to 60 minutes on a Raspberry Pi"
+        step "installing llama-cpp-python: pip builds it from source unless it has a build cached (about 4 minutes on a 2-core PC, 20 to 60 on a Raspberry Pi)"
     fi
     local started=$SECONDS
     # The multimodal library is not used, and skipping it shortens the build.

@@ -196,7 +196,7 @@ def test_terminal_narrow_uses_quadrants():
 
     master, slave = os.openpty()
     # An 80-column terminal cannot show 128 half-block columns without wrapping.
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 80, 0, 0))
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 80, 0, 0))  # rows, columns
     stream = os.fdopen(slave, "w", encoding="utf-8")
     panel = TerminalPanel(128, 64, stream=stream)
     image = Image.new("1", (128, 64), 0)
@@ -212,3 +212,31 @@ def test_terminal_narrow_uses_quadrants():
     assert all(len(line) == 64 for line in lines)
     assert lines[0][0] == "\u2598"
     assert lines[-1][-1] == "\u2597"
+
+
+def test_terminal_short_uses_braille():
+    import fcntl
+    import os
+    import struct
+    import termios
+
+    master, slave = os.openpty()
+    # 24 rows cannot hold 32 half-block rows plus the status line.
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    stream = os.fdopen(slave, "w", encoding="utf-8")
+    panel = TerminalPanel(128, 64, stream=stream)
+    image = Image.new("1", (128, 64), 0)
+    image.putpixel((0, 0), 1)
+    image.putpixel((1, 3), 1)
+    image.putpixel((127, 63), 1)
+    panel._image = image
+    try:
+        lines = panel._render_lines()
+    finally:
+        stream.close()
+        os.close(master)
+    assert len(lines) == 16
+    assert all(len(line) == 64 for line in lines)
+    assert lines[0][0] == chr(0x2800 | 0x01 | 0x80)
+    assert lines[-1][-1] == chr(0x2800 | 0x80)
+    assert lines[5][10] == chr(0x2800)

@@ -15,7 +15,7 @@ import pytest
 
 from appliance import models
 from appliance.engine.gguf import read_gguf
-from appliance.errors import ModelFileError, ModelPrepareError
+from appliance.errors import ConfigError, ModelFileError, ModelPrepareError
 from tinymodel import write_tiny_gguf
 
 
@@ -87,12 +87,12 @@ def test_failed_quantize_keeps_old_output(tiny_source, tmp_path, monkeypatch):
 
 
 def test_unknown_quant_rejected(tiny_source, tmp_path):
-    with pytest.raises(ModelPrepareError, match="unknown quantization type 'Q9_Z'"):
+    with pytest.raises(ConfigError, match="unknown quantization type 'Q9_Z'"):
         models.prepare(str(tiny_source), output=tmp_path / "m.gguf", quant="q9_z")
 
 
 def test_missing_source_named(tmp_path):
-    with pytest.raises(ModelFileError, match=str(tmp_path / "none.gguf")):
+    with pytest.raises(ModelFileError, match="source file not found: " + str(tmp_path / "none.gguf")):
         models.prepare(str(tmp_path / "none.gguf"), output=tmp_path / "m.gguf")
 
 
@@ -145,6 +145,7 @@ def test_model_info_command(default_model):
     assert "bits per weight: 5.14" in result.stdout
     assert "180 to Q4_0" in result.stdout
     assert "576 wide" in result.stdout
+    assert "not the 2.62 of pure Q2_K blocks" in result.stdout
 
 
 def test_model_info_bad_file(tmp_path):

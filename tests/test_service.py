@@ -236,6 +236,19 @@ def test_config_check_command(tmp_path):
     assert "n_ctx" in bad.stderr
 
 
+def test_config_check_reads_model_file(tmp_path):
+    model = tmp_path / "notes.gguf"
+    model.write_text("hello, not a model", encoding="utf-8")
+    config = tmp_path / "crankllm.toml"
+    config.write_text(f'[model]\npath = "{model}"\n', encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, "-m", "appliance", "config", "check", "--config", str(config)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 78
+    assert f"not a GGUF file: {model}" in result.stderr
+
+
 def test_hung_decode_stops_watchdog(tmp_path, default_model, monkeypatch):
     from gpiozero.pins.mock import MockFactory
 

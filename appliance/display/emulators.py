@@ -20,6 +20,11 @@ from appliance.display.state import DisplayState
 __all__ = ["DummyPanel", "PngPanel", "GifPanel", "TerminalPanel", "EMULATORS", "open_emulator"]
 
 # Half-block characters indexed by (top pixel) | (bottom pixel << 1).
+# Braille dot bits by (x, y) in the 2x4 cell (Unicode braille patterns, U+2800..U+28FF).
+_BRAILLE_DOTS = (
+    ((0, 0), 0x01), ((0, 1), 0x02), ((0, 2), 0x04), ((1, 0), 0x08),
+    ((1, 1), 0x10), ((1, 2), 0x20), ((0, 3), 0x40), ((1, 3), 0x80),
+)
 # Indexed by upper-left 1, upper-right 2, lower-left 4, lower-right 8 (U+2596..U+259F).
 _QUADRANTS = " ▘▝▀▖▌▞▛▗▚▐▜▄▙▟█"
 _HALF_BLOCKS = (" ", "\u2580", "\u2584", "\u2588")
@@ -164,8 +169,10 @@ class TerminalPanel(Panel):
 
     The first frame is printed where the cursor is; later frames move the cursor up
     and overwrite it. The line under the frame is the full status text. A terminal
-    narrower than ``width`` columns would wrap the lines and break the redraw, so
-    there each character shows a 2x2 pixel cell with the quadrant block characters.
+    too small for the frame would wrap or scroll it and break the redraw, so a
+    terminal narrower than ``width`` columns gets 2x2 pixels per character (quadrant
+    blocks), and one with fewer rows than the frame plus its status line gets 2x4
+    pixels per character (braille), which fits 128x64 into 64x16 cells.
     """
 
     def __init__(self, width: int, height: int, rotate: int = 0, *, stream=None, path: str = ""):
@@ -196,9 +203,9 @@ class TerminalPanel(Panel):
         # Control characters in a model's message must not reach the terminal.
         return "".join(ch if ch.isprintable() else "?" for ch in text)
 
-    def _columns(self) -> int | None:
+    def _terminal_size(self) -> os.terminal_size | None:
         try:
-            return os.get_terminal_size(self._stream.fileno()).columns
+            return os.get_terminal_size(self._stream.fileno())
         except (AttributeError, OSError, ValueError):
             return None
 
@@ -208,9 +215,13 @@ class TerminalPanel(Panel):
             return []
         width, height = image.size
         pixels = image.load()
-        columns = self._columns()
-        if columns is not None and columns < width:
-            return self._render_quadrants(pixels, width, height)
+        size = self._terminal_size()
+        if size is not None:
+            # One more row than the frame for the status line, one for the cursor.
+            if size.lines < (height + 1) // 2 + 2:
+                return self._render_braille(pixels, width, height)
+            if size.columns < width:
+                return self._render_quadrants(pixels, width, height)
         lines = []
         for top in range(0, height, 2):
             cells = []
@@ -232,6 +243,22 @@ class TerminalPanel(Panel):
                 bits = (lit(left, top) | lit(left + 1, top) << 1
                         | lit(left, top + 1) << 2 | lit(left + 1, top + 1) << 3)
                 cells.append(_QUADRANTS[bits])
+            lines.append("".join(cells))
+        return lines
+
+    def _render_braille(self, pixels, width: int, height: int) -> list[str]:
+        def lit(x: int, y: int) -> bool:
+            return self._on and x < width and y < height and bool(pixels[x, y])
+
+        lines = []
+        for top in range(0, height, 4):
+            cells = []
+            for left in range(0, width, 2):
+                bits = 0
+                for (dx, dy), bit in _BRAILLE_DOTS:
+                    if lit(left + dx, top + dy):
+                        bits |= bit
+                cells.append(chr(0x2800 + bits))
             lines.append("".join(cells))
         return lines
 

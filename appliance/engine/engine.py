@@ -120,7 +120,10 @@ def use_extra_buffer_types(setting: bool | str) -> bool:
         return bool(setting)
     info = llama_cpp.llama_print_system_info().decode("utf-8", errors="replace")
     if "AMX_INT8 = 1" in info:
-        log.info("llama.cpp was built with AMX: extra buffer types off (AMX decode crashes)")
+        log.info(
+            "extra buffer types disabled: this llama.cpp build uses AMX, whose repacked "
+            "decode crashes; [model] extra_buffer_types = true overrides this"
+        )
         return False
     return True
 

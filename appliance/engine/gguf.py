@@ -224,8 +224,13 @@ class _Reader:
 
     def string(self, what: str) -> str:
         length = self.unpack("<Q", what)
-        if length > MAX_STRING or self.handle.tell() + length > self.size:
+        if length > MAX_STRING:
             raise ModelFileError(f"{self.path}: invalid GGUF file: {what} has length {length}")
+        if self.handle.tell() + length > self.size:
+            raise ModelFileError(
+                f"{self.path}: GGUF file is truncated (ends inside the {what}); "
+                "prepare or download it again"
+            )
         return self.read(length, what).decode("utf-8", errors="replace")
 
     def value(self, value_type: int, what: str):
@@ -299,8 +304,10 @@ def _read(reader: _Reader) -> GGUFInfo:
     path = reader.path
     magic = reader.handle.read(4)
     if magic != GGUF_MAGIC:
+        shown = magic.decode("ascii", errors="backslashreplace")
         raise ModelFileError(
-            f"not a GGUF file: {path} starts with {magic!r}, expected b'GGUF'"
+            f"not a GGUF file: {path} starts with \"{shown}\" instead of \"GGUF\"; "
+            "give the path of a .gguf model, or prepare one with `crankllm model prepare`"
         )
     version = reader.unpack("<I", "header")
     if version not in SUPPORTED_VERSIONS:

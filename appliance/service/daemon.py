@@ -90,6 +90,9 @@ class Stats:
 
     story_id: int = 0
     steps: int = 0
+    # Steps asked for after the story ended (end of text, or a full context under the
+    # "stop" policy): the detent was consumed but no token was made.
+    steps_after_end: int = 0
     tokens: int = 0
     rewound_tokens: int = 0
     decode_ms_total: float = 0.0
@@ -368,6 +371,7 @@ class Daemon:
             self._flash("model error")
             return
         if result.event == "end":
+            self.stats.steps_after_end += 1
             if self.message != "the end":
                 self.message = "the end"
                 self._show()
@@ -514,6 +518,7 @@ class Daemon:
             "n_ctx": engine.n_ctx if engine else 0,
             "tokens_per_s": round(self.tokens_per_second(), 2),
             "ms_per_step": round(self.stats.last_step_ms, 2),
+            "steps_after_end": self.stats.steps_after_end,
             "detents": {
                 name: getattr(counters, name)
                 for name in ("received", "generated", "rewound", "cancelled", "dropped", "ignored", "pending")
