@@ -84,6 +84,12 @@ def _simulate(args) -> int:
     return simulate.run(args)
 
 
+def _bench(args) -> int:
+    from appliance import bench
+
+    return bench.main(args)
+
+
 def _control_path(args) -> str:
     if args.socket:
         return args.socket
@@ -220,6 +226,23 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--seed", type=int, help="sampler seed, for a repeatable story")
     simulate.add_argument("--print-story", action="store_true", help="print the story text at the end")
     simulate.set_defaults(handler=_simulate)
+
+    bench = commands.add_parser(
+        "bench", help="measure what crankllm adds to a token's cost, against bare llama.cpp in the same run"
+    )
+    bench.add_argument(
+        "--model", metavar="PATH",
+        help="GGUF model to benchmark (default: the prepared default model, prepared if missing)",
+    )
+    bench.add_argument("--json", metavar="PATH", help="also write every measurement as JSON to this file")
+    bench.add_argument(
+        "--quick", action="store_true", help="shorten every phase to seconds, for tests; the figures are noisy"
+    )
+    bench.add_argument(
+        "--threads", type=int, metavar="N",
+        help="CPU threads for llama.cpp on both sides (default: every CPU, as the appliance uses)",
+    )
+    bench.set_defaults(handler=_bench)
 
     for name, handler, help_text in (
         ("status", _status, "print the running appliance's state"),
