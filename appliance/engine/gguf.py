@@ -14,6 +14,7 @@ tensor count, uint64 metadata count, the metadata key/value pairs, the tensor in
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import stat
 import struct
@@ -205,33 +206,53 @@ class GGUFInfo:
 
 
 class _Reader:
-    def __init__(self, handle, path: str, size: int):
-        self.handle = handle
+    """Sequential reads over the file mapped into memory, with bounds checks."""
+
+    def __init__(self, data, path: str, size: int):
+        self.data = data
         self.path = path
         self.size = size
+        self.position = 0
+
+    def _truncated(self, what: str) -> ModelFileError:
+        return ModelFileError(
+            f"{self.path}: GGUF file is truncated (ends inside the {what}); "
+            "prepare or download it again"
+        )
 
     def read(self, n: int, what: str) -> bytes:
-        data = self.handle.read(n)
-        if len(data) != n:
-            raise ModelFileError(
-                f"{self.path}: GGUF file is truncated (ends inside the {what}); "
-                "prepare or download it again"
-            )
-        return data
+        if self.position + n > self.size:
+            raise self._truncated(what)
+        start = self.position
+        self.position += n
+        return self.data[start:self.position]
 
     def unpack(self, fmt: str, what: str):
-        return struct.unpack(fmt, self.read(struct.calcsize(fmt), what))[0]
+        width = struct.calcsize(fmt)
+        if self.position + width > self.size:
+            raise self._truncated(what)
+        value = struct.unpack_from(fmt, self.data, self.position)[0]
+        self.position += width
+        return value
 
     def string(self, what: str) -> str:
         length = self.unpack("<Q", what)
         if length > MAX_STRING:
             raise ModelFileError(f"{self.path}: invalid GGUF file: {what} has length {length}")
-        if self.handle.tell() + length > self.size:
-            raise ModelFileError(
-                f"{self.path}: GGUF file is truncated (ends inside the {what}); "
-                "prepare or download it again"
-            )
         return self.read(length, what).decode("utf-8", errors="replace")
+
+    def skip_strings(self, count: int, what: str) -> None:
+        # A vocabulary holds about 50,000 strings that nothing here needs; stepping over
+        # their lengths without decoding keeps the check fast at every start.
+        unpack_from = struct.unpack_from
+        data, position, size = self.data, self.position, self.size
+        for _ in range(count):
+            if position + 8 > size:
+                raise self._truncated(what)
+            position += 8 + unpack_from("<Q", data, position)[0]
+        if position > size:
+            raise self._truncated(what)
+        self.position = position
 
     def value(self, value_type: int, what: str):
         if value_type in _SCALARS:
@@ -246,17 +267,19 @@ class _Reader:
             if item_type in _SCALARS:
                 fmt = _SCALARS[item_type]
                 width = struct.calcsize(fmt)
-                if self.handle.tell() + count * width > self.size:
-                    raise ModelFileError(f"{self.path}: GGUF file is truncated in {what}")
+                if self.position + count * width > self.size:
+                    raise self._truncated(what)
                 # Large arrays (vocabulary scores, token types) are skipped, not decoded:
                 # nothing here needs them and decoding 49k floats costs time at each start.
                 if count > 64:
-                    self.handle.seek(count * width, os.SEEK_CUR)
+                    self.position += count * width
                     return f"<{count} values>"
                 return [self.unpack(fmt, what) for _ in range(count)]
             if item_type == _STRING:
-                items = [self.string(what) for _ in range(count)]
-                return items if count <= 64 else f"<{count} strings>"
+                if count > 64:
+                    self.skip_strings(count, what)
+                    return f"<{count} strings>"
+                return [self.string(what) for _ in range(count)]
             raise ModelFileError(f"{self.path}: invalid GGUF file: array type {item_type} in {what}")
         raise ModelFileError(f"{self.path}: invalid GGUF file: value type {value_type} in {what}")
 
@@ -297,12 +320,18 @@ def read_gguf(path: str | os.PathLike) -> GGUFInfo:
     except OSError as err:
         raise ModelFileError(f"cannot open model file {path}: {err.strerror}") from None
     with handle:
-        return _read(_Reader(handle, path, st.st_size))
+        try:
+            data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as err:
+            raise ModelFileError(f"cannot map model file {path}: {err}") from None
+        with data:
+            return _read(_Reader(data, path, st.st_size))
 
 
 def _read(reader: _Reader) -> GGUFInfo:
     path = reader.path
-    magic = reader.handle.read(4)
+    magic = reader.data[:4]
+    reader.position = 4
     if magic != GGUF_MAGIC:
         shown = magic.decode("ascii", errors="backslashreplace")
         raise ModelFileError(
@@ -342,7 +371,7 @@ def _read(reader: _Reader) -> GGUFInfo:
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
     if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
         raise ModelFileError(f"invalid GGUF file {path}: general.alignment = {alignment!r}")
-    position = reader.handle.tell()
+    position = reader.position
     data_offset = (position + alignment - 1) // alignment * alignment
 
     unknown = frozenset(t.type_id for t in tensors if t.type_id not in GGML_TYPES)
