@@ -202,3 +202,18 @@ def test_snapshot_fields(running):
     assert snapshot["tokens"] == 1
     assert snapshot["bits_per_weight"] < 3.5
     assert set(snapshot["detents"]) >= {"received", "dropped", "pending"}
+
+
+def test_reload_failing_model_keeps_old(running, tiny_model, tmp_path):
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\0" * 10)
+    daemon, _, _ = running(loader=lambda: make_config(tiny_model))
+    engine = daemon.engine
+    daemon.config_loader = lambda: make_config(str(broken))
+    daemon.post(Reload())
+    assert daemon.sync(30)
+    assert daemon.engine is engine
+    assert daemon.config.model.path == tiny_model
+    daemon.post(Step(1))
+    assert daemon.sync(30)
+    assert daemon.engine.n_generated == 1

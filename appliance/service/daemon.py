@@ -549,7 +549,8 @@ class Daemon:
         except ConfigError as err:
             log.error("reload failed, keeping the running configuration: %s", err)
             return
-        old_model = {key: getattr(self.config.model, key) for key in self.config.model}
+        old_config = self.config
+        old_model = {key: getattr(old_config.model, key) for key in old_config.model}
         new_model = {key: getattr(new.model, key) for key in new.model}
         self.config = new
         self.prompts = tuple(new.all_prompts)
@@ -565,6 +566,8 @@ class Daemon:
             self.engine = Engine(self.model_path, engine_settings(new.model))
         except CrankError as err:
             log.error("new model settings failed (%s); keeping the running model", err)
+            # The old model settings stay in force, so the next reload retries the new ones.
+            self.config = old_config
             self.engine = old_engine
             self._start_story(old_engine.prompt or self.prompts[0])
             return
