@@ -64,7 +64,7 @@ def _config_show(args) -> int:
 
 def _run(args) -> int:
     # Block the service's signals before anything can start a thread, so every thread
-    # inherits the mask and only run_service's sigwait() receives them; a thread with
+    # inherits the mask and only run_service's sigwait() receives them. A thread with
     # SIGHUP unblocked would let the default action kill the process.
     signal.pthread_sigmask(signal.SIG_BLOCK, SERVICE_SIGNALS)
     from appliance.config import load_config

@@ -27,7 +27,7 @@ GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 
-# Bounds that no real model reaches; a count beyond them means a corrupt header, and
+# Bounds that no real model reaches. A count beyond them means a corrupt header, and
 # checking them first keeps a bad file from making the reader allocate gigabytes.
 MAX_TENSORS = 1_000_000
 MAX_METADATA = 1_000_000
@@ -133,7 +133,7 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class GGUFInfo:
-    """What a GGUF file declares, checked against the file's size."""
+    """The header, metadata and tensor table of a GGUF file, checked against its size."""
 
     path: str
     version: int

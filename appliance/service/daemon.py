@@ -1,9 +1,9 @@
 """The daemon loop: one worker thread owns the engine and consumes crank events.
 
-Data flows one way. Crank callbacks (and the control socket, the serial console and
-signals) only put events into the CrankQueue; the worker takes them one at a time,
-runs the engine, and hands the results to the display, the transcript and the mirrors
-(serial console, control-socket followers). Nothing downstream calls back upstream.
+Data flows one way. Crank callbacks, the control socket, the serial console and
+signals only put events into the CrankQueue. The worker takes them one at a time, runs
+the engine, and hands the results to the display, the transcript and the mirrors (the
+serial console and control-socket followers). Nothing downstream calls back upstream.
 
 The worker is also the only thread that pings the systemd watchdog, so a decode that
 hangs stops the pings and systemd restarts the service.
@@ -469,7 +469,7 @@ class Daemon:
         )
 
     def _activity(self) -> None:
-        """Wake the display for a crank event, and say so when the panel came back."""
+        """Wake the display for a crank event, and show "display back" after a reconnect."""
         if self.display is None:
             return
         self.display.activity()
