@@ -1,8 +1,6 @@
 """Serial pulse source: the line protocol, and a real pty read through real pyserial."""
 
 import logging
-import os
-import threading
 
 import pytest
 
@@ -10,8 +8,7 @@ from appliance.crank.events import CrankQueue, Press, Rewind, Step
 from appliance.crank.serial_pulses import BACKOFF_MAX, LineParser, SerialPulseSource
 from appliance.crank.source import open_crank
 from appliance.errors import ConfigError
-
-WAIT = 10  # seconds; only reached when something is broken
+from ptyport import WAIT, FastBackoff, adapter_fixture
 
 
 class Recorder:
@@ -92,48 +89,7 @@ def test_invalid_max_line_rejected():
 
 # -- a real pty ------------------------------------------------------------------------
 
-class FakeAdapter:
-    """A USB serial adapter stand-in: a pty reached through a by-id style symlink."""
-
-    def __init__(self, link):
-        self.link = link
-        self.master = None
-        self.slave = None
-
-    def plug(self):
-        self.master, self.slave = os.openpty()
-        os.symlink(os.ttyname(self.slave), self.link)
-
-    def unplug(self):
-        os.unlink(self.link)
-        os.close(self.master)
-        os.close(self.slave)
-        self.master = self.slave = None
-
-    def send(self, data):
-        os.write(self.master, data)
-
-
-class FastBackoff:
-    """Backoff sleep that records each requested delay and returns after 1 ms."""
-
-    def __init__(self):
-        self.delays = []
-        self.called = threading.Event()
-        self._pause = threading.Event()
-
-    def __call__(self, seconds):
-        self.delays.append(seconds)
-        self.called.set()
-        self._pause.wait(0.001)
-
-
-@pytest.fixture
-def adapter(tmp_path):
-    fake = FakeAdapter(str(tmp_path / "ttyCRANK"))
-    yield fake
-    if fake.master is not None:
-        fake.unplug()
+adapter = adapter_fixture("ttyCRANK")
 
 
 @pytest.fixture

@@ -3,68 +3,14 @@
 import logging
 import os
 import queue
-import select
 import threading
-import time
 
 import pytest
 
 from appliance.errors import ConfigError
 from appliance.service.daemon import PromptRequest
 from appliance.service.serial_console import BACKOFF_MAX, PromptLineReader, SerialConsole
-
-WAIT = 10  # seconds; only reached when something is broken
-
-
-class FakeAdapter:
-    """A USB serial gadget stand-in: a pty reached through a by-id style symlink."""
-
-    def __init__(self, link):
-        self.link = link
-        self.master = None
-        self.slave = None
-
-    def plug(self):
-        self.master, self.slave = os.openpty()
-        os.symlink(os.ttyname(self.slave), self.link)
-
-    def unplug(self):
-        os.unlink(self.link)
-        os.close(self.master)
-        os.close(self.slave)
-        self.master = self.slave = None
-
-    def type(self, data):
-        os.write(self.master, data)
-
-    def read(self, size):
-        """Return exactly ``size`` bytes the console wrote, or fewer if WAIT passes first."""
-        data = b""
-        deadline = time.monotonic() + WAIT
-        while len(data) < size:
-            remaining = deadline - time.monotonic()
-            ready, _, _ = select.select([self.master], [], [], max(0.0, remaining))
-            if not ready:
-                break
-            data += os.read(self.master, size - len(data))
-        return data
-
-    def expect(self, expected):
-        return self.read(len(expected))
-
-
-class FastBackoff:
-    """Backoff sleep that records each requested delay and returns after 1 ms."""
-
-    def __init__(self):
-        self.delays = []
-        self.called = threading.Event()
-        self._pause = threading.Event()
-
-    def __call__(self, seconds):
-        self.delays.append(seconds)
-        self.called.set()
-        self._pause.wait(0.001)
+from ptyport import WAIT, FastBackoff, adapter_fixture
 
 
 class Prompts:
@@ -80,12 +26,7 @@ class Prompts:
         return self.events.get(timeout=WAIT)
 
 
-@pytest.fixture
-def adapter(tmp_path):
-    fake = FakeAdapter(str(tmp_path / "ttyGS0"))
-    yield fake
-    if fake.master is not None:
-        fake.unplug()
+adapter = adapter_fixture("ttyGS0")
 
 
 @pytest.fixture
@@ -168,7 +109,7 @@ def test_line_of_max_length_accepted():
 
 def test_prompt_posted(console, adapter):
     serial_console, prompts = console
-    adapter.type(b"Once upon a time\r")
+    adapter.send(b"Once upon a time\r")
     assert prompts.next() == PromptRequest("Once upon a time")
     assert serial_console.counters().prompts == 1
 
@@ -176,37 +117,37 @@ def test_prompt_posted(console, adapter):
 @pytest.mark.parametrize("end", [b"\r", b"\n", b"\r\n"])
 def test_pty_line_ends(console, adapter, end):
     _, prompts = console
-    adapter.type(b"first" + end + b"second" + end + b"third" + end)
+    adapter.send(b"first" + end + b"second" + end + b"third" + end)
     assert [prompts.next() for _ in range(3)] == [
         PromptRequest("first"), PromptRequest("second"), PromptRequest("third")
     ]
-    adapter.type(b"marker\n")
+    adapter.send(b"marker\n")
     assert prompts.next() == PromptRequest("marker")  # no empty prompt came before it
 
 
 def test_pty_invalid_utf8_replaced(console, adapter):
     _, prompts = console
-    adapter.type(b"na\xefve\n")
+    adapter.send(b"na\xefve\n")
     assert prompts.next() == PromptRequest("na\ufffdve")
 
 
 def test_pty_overlong_line_discarded(console, adapter, caplog):
     serial_console, prompts = console
-    adapter.type(b"z" * 100 + b"\nshort\n")
+    adapter.send(b"z" * 100 + b"\nshort\n")
     assert prompts.next() == PromptRequest("short")
     assert serial_console.counters().overlong_lines == 1
     assert any("longer than 32 bytes" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
 
 
 def test_pty_overlong_line_reported_to_port(console, adapter):
-    adapter.type(b"z" * 100 + b"\n")
+    adapter.send(b"z" * 100 + b"\n")
     expected = b"[line discarded: longer than 32 bytes]\r\n"
     assert adapter.expect(expected) == expected
 
 
 def test_control_characters_rejected(console, adapter):
     serial_console, prompts = console
-    adapter.type(b"\x1b[Aup\nplain\n")
+    adapter.send(b"\x1b[Aup\nplain\n")
     assert prompts.next() == PromptRequest("plain")
     assert serial_console.counters().invalid_lines == 1
 
@@ -317,7 +258,7 @@ def test_reconnects_after_unplug(adapter, make_console, caplog):
     adapter.plug()
     serial_console, prompts, backoff = make_console()
     assert serial_console.wait_connected(WAIT)
-    adapter.type(b"before\n")
+    adapter.send(b"before\n")
     assert prompts.next() == PromptRequest("before")
 
     adapter.unplug()
@@ -327,7 +268,7 @@ def test_reconnects_after_unplug(adapter, make_console, caplog):
         assert backoff.called.wait(WAIT)
     adapter.plug()
     assert serial_console.wait_connected(WAIT)
-    adapter.type(b"after\n")
+    adapter.send(b"after\n")
     assert prompts.next() == PromptRequest("after")
     serial_console.text_added("back")
     assert adapter.expect(b"back") == b"back"
@@ -385,7 +326,7 @@ def test_missing_port_at_start_retries(adapter, make_console):
     assert serial_console.state == "unavailable"
     adapter.plug()
     assert serial_console.wait_connected(WAIT)
-    adapter.type(b"late\n")
+    adapter.send(b"late\n")
     assert prompts.next() == PromptRequest("late")
 
 

@@ -17,7 +17,6 @@ A reader thread owns the port. When the adapter is unplugged it closes the port 
 reopens it with backoff (1 s, doubling up to 30 s), logging each change of state once.
 """
 
-import errno
 import logging
 import re
 import threading
@@ -26,14 +25,13 @@ from dataclasses import dataclass
 
 import serial
 
-from appliance.errors import ConfigError, DevicePermissionError
+from appliance.errors import ConfigError
+# The backoff times and SERIAL_GROUP are imported so that callers can keep reading them here.
+from appliance.serial_link import BACKOFF_INITIAL, BACKOFF_MAX, SERIAL_GROUP, SerialLink  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-BACKOFF_INITIAL = 1.0
-BACKOFF_MAX = 30.0
 MIN_MAX_LINE = 8
-SERIAL_GROUP = "dialout"
 
 _DETENTS = re.compile(rb"[+-][0-9]{1,3}")
 
@@ -160,14 +158,15 @@ class SerialPulseSource:
             on_detents=self._put_detents, on_press=queue.put_press, max_line=max_line
         )
         self._stop = threading.Event()
-        self._sleep = sleep if sleep is not None else self._stop.wait
         self._lock = threading.Lock()
         self._serial: serial.Serial | None = None
-        self._connected = threading.Event()
-        self._state = "stopped"
         self._connects = 0
         self._disconnects = 0
         self._thread: threading.Thread | None = None
+        self._link = SerialLink(
+            port, baudrate, label="serial port", logger=log, stop=self._stop, sleep=sleep,
+            on_open=self._opened, on_data=self._feed, on_error=self._lost, on_release=self._released,
+        )
 
     # -- control ------------------------------------------------------------------------
 
@@ -175,10 +174,9 @@ class SerialPulseSource:
         """Open the port if it is there and start the reader thread."""
         if self._thread is not None:
             raise RuntimeError("serial pulse source already started")
-        self._state = "starting"
-        first = self._open(initial=True)
+        first = self._link.open_at_start()
         self._thread = threading.Thread(
-            target=self._run, args=(first,), name="crank-serial", daemon=True
+            target=self._link.run, args=(first,), name="crank-serial", daemon=True
         )
         self._thread.start()
 
@@ -195,12 +193,12 @@ class SerialPulseSource:
 
     def wait_connected(self, timeout: float | None = None) -> bool:
         """Block until the port is open; return False if ``timeout`` passed first."""
-        return self._connected.wait(timeout)
+        return self._link.connected.wait(timeout)
 
     @property
     def state(self) -> str:
         """One of starting, connected, disconnected, unavailable, stopped."""
-        return self._state
+        return self._link.state
 
     def counters(self) -> SerialCounters:
         """Return a snapshot of the reader's counters."""
@@ -209,89 +207,29 @@ class SerialPulseSource:
                 connects=self._connects, disconnects=self._disconnects, **self._parser.counts
             )
 
-    # -- reader thread ------------------------------------------------------------------
+    # -- SerialLink callbacks: the reader thread runs them, and start() runs the first open
 
-    def _run(self, port: serial.Serial | None) -> None:
-        delay = BACKOFF_INITIAL
-        try:
-            while not self._stop.is_set():
-                if port is None:
-                    port = self._open(initial=False)
-                if port is None:
-                    self._sleep(delay)
-                    delay = min(delay * 2, BACKOFF_MAX)
-                    continue
-                delay = BACKOFF_INITIAL
-                self._read(port)
-                self._release(port)
-                port = None
-        finally:
-            if port is not None:
-                self._release(port)
-            self._set_state("stopped", logging.INFO, "serial port %s closed", self.port)
-
-    def _open(self, *, initial: bool) -> serial.Serial | None:
-        try:
-            port = serial.Serial(self.port, self.baudrate, timeout=None, exclusive=True)
-        except (serial.SerialException, OSError) as exc:
-            if initial and getattr(exc, "errno", None) == errno.EACCES:
-                raise DevicePermissionError(
-                    f"no permission to open serial port {self.port}; add the service user "
-                    f"to the {SERIAL_GROUP} group"
-                ) from exc
-            self._set_state(
-                "unavailable", logging.WARNING,
-                "serial port %s unavailable (%s); retrying with backoff up to %.0f s",
-                self.port, exc, BACKOFF_MAX,
-            )
-            return None
-        except ValueError as exc:
-            raise ConfigError(f"invalid [serial] settings for {self.port}: {exc}") from exc
-
+    def _opened(self, port: serial.Serial) -> str:
         with self._lock:
             self._serial = port
             self._connects += 1
-        self._connected.set()
-        self._set_state("connected", logging.INFO, "serial port %s connected at %d baud",
-                        self.port, self.baudrate)
-        if self._stop.is_set():
-            port.cancel_read()
-        return port
+        return ""
 
-    def _read(self, port: serial.Serial) -> None:
-        while not self._stop.is_set():
-            try:
-                data = port.read(1)  # blocks until a byte arrives or close() cancels
-                if data and port.in_waiting:
-                    data += port.read(port.in_waiting)
-            except (serial.SerialException, OSError) as exc:
-                if self._stop.is_set():
-                    return
-                with self._lock:
-                    self._disconnects += 1
-                self._set_state("disconnected", logging.WARNING,
-                                "serial port %s disconnected: %s; reconnecting", self.port, exc)
-                return
-            if data:
-                with self._lock:
-                    self._parser.feed(data)
+    def _feed(self, data: bytes) -> bool:
+        if data:
+            with self._lock:
+                self._parser.feed(data)
+        return True
 
-    def _release(self, port: serial.Serial) -> None:
-        self._connected.clear()
+    def _lost(self, port: serial.Serial, exc: Exception) -> None:
+        with self._lock:
+            self._disconnects += 1
+        self._link.disconnected(exc)
+
+    def _released(self, port: serial.Serial) -> None:
         with self._lock:
             self._serial = None
             self._parser.reset()
-        try:
-            port.close()
-        except (serial.SerialException, OSError) as exc:
-            log.debug("serial port %s: error while closing: %s", self.port, exc)
-
-    def _set_state(self, state: str, level: int, message: str, *args) -> None:
-        if state == self._state:
-            log.debug(message, *args)
-            return
-        self._state = state
-        log.log(level, message, *args)
 
     def _put_detents(self, count: int) -> None:
         direction = 1 if count > 0 else -1

@@ -20,7 +20,6 @@ unplugged or the buffer is full, the output is dropped and counted instead.
 
 from __future__ import annotations
 
-import errno
 import logging
 import threading
 from collections.abc import Callable
@@ -28,14 +27,14 @@ from dataclasses import dataclass
 
 import serial
 
-from appliance.errors import ConfigError, ControlError, DevicePermissionError
+from appliance.errors import ConfigError, ControlError
+# The backoff times and SERIAL_GROUP are imported so that callers can keep reading them here.
+from appliance.serial_link import BACKOFF_INITIAL, BACKOFF_MAX, SERIAL_GROUP, SerialLink  # noqa: F401
 from appliance.service.control import display_width, printable, validate_prompt
 from appliance.service.daemon import PromptRequest
 
 log = logging.getLogger(__name__)
 
-BACKOFF_INITIAL = 1.0
-BACKOFF_MAX = 30.0
 MIN_MAX_LINE = 16
 # Output waiting for the port. At 9600 baud this is about 17 s of text, far more
 # than a hand-cranked story produces in that time.
@@ -43,7 +42,6 @@ OUTPUT_BUFFER_BYTES = 16 * 1024
 NEWLINES = ("\r\n", "\n", "\r")
 # Written on a rewind that backspaces cannot erase (it removes a line break or a tab).
 FALLBACK_REWIND_MARKER = "\n[rewound {count} characters]\n"
-SERIAL_GROUP = "dialout"
 
 _WRITE_CHUNK = 1024
 _BACKSPACE = (0x08, 0x7F)
@@ -158,9 +156,7 @@ class SerialConsole:
         self.rewind_marker = rewind_marker
         self.buffer_size = buffer_size
         self._post = post
-        self._open_port = open_port
         self._stop = threading.Event()
-        self._sleep = sleep if sleep is not None else self._stop.wait
         self._lines = PromptLineReader(
             max_line=max_line, on_line=self._prompt_line, on_overlong=self._overlong_line
         )
@@ -175,8 +171,6 @@ class SerialConsole:
         self._overflowing = False
         self._at_line_start = True
         self._story_id: int | None = None
-        self._connected = threading.Event()
-        self._state = "stopped"
         self._counts = dict.fromkeys(
             ("prompts", "overlong_lines", "invalid_lines", "bytes_written", "bytes_dropped",
              "connects", "disconnects"),
@@ -185,6 +179,11 @@ class SerialConsole:
         self._dropped_at_disconnect = 0
         self._reader: threading.Thread | None = None
         self._writer: threading.Thread | None = None
+        self._link = SerialLink(
+            port, baudrate, label="serial console", logger=log, stop=self._stop, sleep=sleep,
+            open_port=open_port, on_open=self._opened, on_data=self._take_input,
+            on_error=self._lost, on_release=self._released,
+        )
 
     # -- control --------------------------------------------------------------------------
 
@@ -196,10 +195,9 @@ class SerialConsole:
         """
         if self._reader is not None:
             raise RuntimeError("serial console already started")
-        self._state = "starting"
-        first = self._open(initial=True)
+        first = self._link.open_at_start()
         self._writer = threading.Thread(target=self._write_loop, name="serial-console-out", daemon=True)
-        self._reader = threading.Thread(target=self._read_loop, args=(first,), name="serial-console", daemon=True)
+        self._reader = threading.Thread(target=self._link.run, args=(first,), name="serial-console", daemon=True)
         self._writer.start()
         self._reader.start()
 
@@ -219,12 +217,12 @@ class SerialConsole:
 
     def wait_connected(self, timeout: float | None = None) -> bool:
         """Block until the port is open; return False if ``timeout`` passed first."""
-        return self._connected.wait(timeout)
+        return self._link.connected.wait(timeout)
 
     @property
     def state(self) -> str:
         """One of starting, connected, disconnected, unavailable, stopped."""
-        return self._state
+        return self._link.state
 
     def counters(self) -> ConsoleCounters:
         """Return a snapshot of the console's counters."""
@@ -309,47 +307,10 @@ class SerialConsole:
         )
         self._emit_line(f"[line discarded: longer than {self.max_line} bytes]")
 
-    # -- reader thread: owns opening and closing the port ---------------------------------
+    # -- SerialLink callbacks: the reader thread owns opening and closing the port ------
+    # start() runs the first open, and the writer thread may also call _lost.
 
-    def _read_loop(self, port: serial.Serial | None) -> None:
-        delay = BACKOFF_INITIAL
-        try:
-            while not self._stop.is_set():
-                if port is None:
-                    port = self._open(initial=False)
-                if port is None:
-                    self._sleep(delay)
-                    delay = min(delay * 2, BACKOFF_MAX)
-                    continue
-                delay = BACKOFF_INITIAL
-                self._read(port)
-                self._release(port)
-                port = None
-        finally:
-            if port is not None:
-                self._release(port)
-            self._set_state("stopped", logging.INFO, "serial console %s closed", self.port)
-
-    def _open(self, *, initial: bool) -> serial.Serial | None:
-        try:
-            port = self._open_port(
-                self.port, baudrate=self.baudrate, timeout=None, write_timeout=None, exclusive=True
-            )
-        except (serial.SerialException, OSError) as exc:
-            if initial and getattr(exc, "errno", None) == errno.EACCES:
-                raise DevicePermissionError(
-                    f"no permission to open serial port {self.port}; add the service user "
-                    f"to the {SERIAL_GROUP} group"
-                ) from exc
-            self._set_state(
-                "unavailable", logging.WARNING,
-                "serial console %s unavailable (%s); retrying with backoff up to %.0f s",
-                self.port, exc, BACKOFF_MAX,
-            )
-            return None
-        except ValueError as exc:
-            raise ConfigError(f"invalid [serial] settings for {self.port}: {exc}") from exc
-
+    def _opened(self, port: serial.Serial) -> str:
         with self._cond:
             self._serial = port
             self._failed = False
@@ -357,36 +318,18 @@ class SerialConsole:
             self._counts["connects"] += 1
             missed, self._dropped_at_disconnect = self._dropped_at_disconnect, 0
             self._cond.notify_all()
-        self._connected.set()
         if missed:
-            self._set_state(
-                "connected", logging.INFO,
-                "serial console %s connected at %d baud; %d bytes of output were dropped while it was away",
-                self.port, self.baudrate, missed,
-            )
-        else:
-            self._set_state("connected", logging.INFO, "serial console %s connected at %d baud",
-                            self.port, self.baudrate)
-        if self._stop.is_set():
-            port.cancel_read()
-        return port
+            return f"; {missed} bytes of output were dropped while it was away"
+        return ""
 
-    def _read(self, port: serial.Serial) -> None:
-        while not self._stop.is_set():
-            try:
-                data = port.read(1)  # blocks until a byte arrives or cancel_read()
-                if data and port.in_waiting:
-                    data += port.read(port.in_waiting)
-            except (serial.SerialException, OSError) as exc:
-                if not self._stop.is_set():
-                    self._lost(port, exc)
-                return
-            with self._cond:
-                failed = self._failed
-            if failed:
-                return  # the writer found the port gone and cancelled this read
-            if data:
-                self._lines.feed(data)
+    def _take_input(self, data: bytes) -> bool:
+        with self._cond:
+            failed = self._failed
+        if failed:
+            return False  # the writer found the port gone and cancelled this read
+        if data:
+            self._lines.feed(data)
+        return True
 
     def _lost(self, port: serial.Serial, exc: Exception) -> None:
         """Mark ``port`` as failed, once, and make the other thread let go of it."""
@@ -396,14 +339,10 @@ class SerialConsole:
             self._failed = True
             self._counts["disconnects"] += 1
             self._cond.notify_all()
-        self._set_state(
-            "disconnected", logging.WARNING,
-            "serial console %s disconnected: %s; reconnecting", self.port, exc,
-        )
+        self._link.disconnected(exc)
         _cancel(port)
 
-    def _release(self, port: serial.Serial) -> None:
-        self._connected.clear()
+    def _released(self, port: serial.Serial) -> None:
         with self._cond:
             self._serial = None
             self._counts["bytes_dropped"] += len(self._out)
@@ -415,10 +354,6 @@ class SerialConsole:
                 self._cond.wait()
             self._failed = False
         self._lines.reset()
-        try:
-            port.close()
-        except (serial.SerialException, OSError) as exc:
-            log.debug("serial console %s: error while closing: %s", self.port, exc)
 
     # -- writer thread --------------------------------------------------------------------
 
@@ -447,13 +382,6 @@ class SerialConsole:
                         self._overflowing = False
                         log.info("serial console %s: output caught up", self.port)
                     self._cond.notify_all()
-
-    def _set_state(self, state: str, level: int, message: str, *args) -> None:
-        if state == self._state:
-            log.debug(message, *args)
-            return
-        self._state = state
-        log.log(level, message, *args)
 
 
 def _cancel(port: serial.Serial) -> None:
