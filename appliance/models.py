@@ -63,7 +63,7 @@ def default_model_path(*, system: bool = False, env=os.environ) -> Path:
 
 @dataclass(frozen=True)
 class Source:
-    """Where a model comes from: the default wheel, a local file or a URL."""
+    """A model's origin: the default wheel, a local file or a URL."""
 
     kind: str  # "wheel", "file" or "url"
     location: str
@@ -224,7 +224,7 @@ def prepare(
 
     The result is written to a temporary file beside the output and renamed into place,
     so an interrupted run never leaves a partial model at the output path. When the
-    output exists and its record says it was made from the same source and quant, no
+    output exists and its record shows it was made from the same source and quant, no
     work is done.
     """
     stream = stream if stream is not None else sys.stderr

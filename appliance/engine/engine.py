@@ -80,10 +80,10 @@ class EngineSettings:
 class StepResult:
     """What one step did.
 
-    ``event`` is None for an ordinary token, "end" when the model ended the text (or the
-    context is full under the "stop" policy) and nothing was decoded, "shifted" when
-    the oldest generated tokens left the context first, and "restarted" when the
-    engine re-primed the prompt and ``text`` starts a new story.
+    ``event`` is None for an ordinary token. "end" means nothing was decoded because the
+    model ended the text, or the context is full under the "stop" policy. "shifted"
+    means the oldest generated tokens left the context first. "restarted" means the
+    engine primed the prompt again and ``text`` starts a new story.
     """
 
     token: int | None
@@ -165,7 +165,7 @@ class Engine:
         self.story = TokenText()
         self._kv_first = 0
         self.ended = False
-        self._one = (llama_cpp.llama_token * 1)()
+        self._single_token = (llama_cpp.llama_token * 1)()
         self._piece = ctypes.create_string_buffer(256)
 
     def _load(self) -> None:
@@ -198,8 +198,8 @@ class Engine:
         # Freed before the model because the context refers to it.
         self._resources.callback(llama_cpp.llama_free, self.ctx)
         self.memory = llama_cpp.llama_get_memory(self.ctx)
-        # llama.cpp may round the context up (to a multiple of 256 in 0.3.36); the
-        # configured size stays the limit so a policy triggers where the user set it.
+        # llama.cpp may round the context up (to a multiple of 256 in 0.3.36). The
+        # configured size stays the limit, so a policy triggers where the user set it.
         self.n_ctx = min(llama_cpp.llama_n_ctx(self.ctx), self.settings.n_ctx)
 
         s = self.settings
@@ -318,8 +318,8 @@ class Engine:
             self._check(llama_cpp.llama_decode(self.ctx, llama_cpp.llama_batch_get_one(array, len(chunk))))
 
     def _decode_one(self, token: int) -> None:
-        self._one[0] = token
-        self._check(llama_cpp.llama_decode(self.ctx, llama_cpp.llama_batch_get_one(self._one, 1)))
+        self._single_token[0] = token
+        self._check(llama_cpp.llama_decode(self.ctx, llama_cpp.llama_batch_get_one(self._single_token, 1)))
 
     def _check(self, rc: int) -> None:
         if rc != 0:

@@ -242,7 +242,7 @@ class _Reader:
         return self.read(length, what).decode("utf-8", errors="replace")
 
     def skip_strings(self, count: int, what: str) -> None:
-        # A vocabulary holds about 50,000 strings that nothing here needs; stepping over
+        # A vocabulary has about 50,000 strings that nothing here needs. Stepping over
         # their lengths without decoding keeps the check fast at every start.
         unpack_from = struct.unpack_from
         data, position, size = self.data, self.position, self.size
