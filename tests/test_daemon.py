@@ -214,6 +214,7 @@ def test_reload_failing_model_keeps_old(running, tiny_model, tmp_path):
     assert daemon.sync(30)
     assert daemon.engine is engine
     assert daemon.config.model.path == tiny_model
+    assert daemon.model_path == tiny_model
     daemon.post(Step(1))
     assert daemon.sync(30)
     assert daemon.engine.n_generated == 1

@@ -370,6 +370,7 @@ class Daemon:
             self._new_story(engine.prompt)
             self._flash("model error")
             return
+
         if result.event == "end":
             self.stats.steps_after_end += 1
             if self.message != "the end":
@@ -377,22 +378,26 @@ class Daemon:
                 self._show()
             return
         if result.event == "restarted":
-            # The engine re-primed the prompt: the old story is complete.
+            # The engine primed the prompt again: the old story is complete.
             self._restart_story_records(engine.prompt)
+
         self.stats.steps += 1
         self.stats.tokens += 1
         self.stats.decode_ms_total += result.ms
         self.stats.last_step_ms = result.ms
         now = self.clock()
         self._step_times.append(now)
-        log.debug(
-            "step %d: token %d in %.1f ms", engine.n_generated, result.token, result.ms,
-            extra={"fields": {
-                "STORY_ID": self.stats.story_id,
-                "TOKEN_INDEX": engine.n_generated,
-                "DECODE_MS": f"{result.ms:.2f}",
-            }},
-        )
+        # Checked first so the per-step record costs nothing at the default info level.
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "step %d: token %d in %.1f ms", engine.n_generated, result.token, result.ms,
+                extra={"fields": {
+                    "STORY_ID": self.stats.story_id,
+                    "TOKEN_INDEX": engine.n_generated,
+                    "DECODE_MS": f"{result.ms:.2f}",
+                }},
+            )
+
         if result.text:
             if self.transcripts is not None:
                 self.transcripts.append(result.text)
@@ -558,19 +563,22 @@ class Daemon:
         if old_model == new_model:
             log.info("configuration reloaded; model settings unchanged")
             return
+
         log.info("configuration reloaded; model settings changed: reloading the model")
         self._end_story("reload")
         old_engine = self.engine
         try:
-            self.model_path = resolve_model_path(new.model, prepare_missing=self.prepare_missing_model)
-            self.engine = Engine(self.model_path, engine_settings(new.model))
+            model_path = resolve_model_path(new.model, prepare_missing=self.prepare_missing_model)
+            engine = Engine(model_path, engine_settings(new.model))
         except CrankError as err:
             log.error("new model settings failed (%s); keeping the running model", err)
             # The old model settings stay in force, so the next reload retries the new ones.
             self.config = old_config
-            self.engine = old_engine
             self._start_story(old_engine.prompt or self.prompts[0])
             return
+
+        self.model_path = model_path
+        self.engine = engine
         old_engine.close()
         self._start_story(self.prompts[self.prompt_index])
 
