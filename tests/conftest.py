@@ -12,6 +12,20 @@ sys.path.insert(0, os.path.dirname(__file__))
 from tinymodel import write_tiny_gguf  # noqa: E402
 
 
+@pytest.fixture
+def factory():
+    """A MockFactory set as gpiozero's global pin factory, the old one restored after."""
+    from gpiozero import Device
+    from gpiozero.pins.mock import MockFactory
+
+    saved = Device.pin_factory
+    mock = MockFactory()
+    Device.pin_factory = mock
+    yield mock
+    mock.reset()
+    Device.pin_factory = saved
+
+
 @pytest.fixture(scope="session")
 def default_model():
     """The prepared default model (SmolLM2-135M-Instruct, Q2_K file type), prepared if missing."""

@@ -1,27 +1,13 @@
 """Push button: short and long press, debounce, on MockFactory pins with a manual clock."""
 
 import pytest
-from gpiozero import Device
-from gpiozero.pins.mock import MockFactory
 
 from appliance.crank.button import CrankButton
 from appliance.crank.events import CrankQueue, Press
 from appliance.crank.mockdrive import ManualClock
 from appliance.crank.source import open_crank
 from appliance.errors import ConfigError
-
-PINS = {"pin_a": "GPIO17", "pin_b": "GPIO18", "pin_button": "GPIO27"}
-
-
-@pytest.fixture
-def factory():
-    saved = Device.pin_factory
-    mock = MockFactory()
-    Device.pin_factory = mock
-    yield mock
-    mock.reset()
-    Device.pin_factory = saved
-
+from crankpins import PINS, drain
 
 @pytest.fixture
 def open_mock_crank(factory):
@@ -39,13 +25,6 @@ def open_mock_crank(factory):
     for crank, queue in opened:
         queue.close()
         crank.close()
-
-
-def drain(queue):
-    items = []
-    while (item := queue.get(timeout=0)) is not None:
-        items.append(item)
-    return items
 
 
 def test_short_press(open_mock_crank):

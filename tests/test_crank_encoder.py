@@ -3,25 +3,13 @@
 import threading
 
 import pytest
-from gpiozero import Device
-from gpiozero.pins.mock import MockFactory
 
 from appliance.crank.events import CrankQueue, Rewind, Step
 from appliance.crank.mockdrive import ManualClock, QuadratureDriver
 from appliance.crank.source import open_crank
+from crankpins import PINS, drain
 
-PINS = {"pin_a": "GPIO17", "pin_b": "GPIO18", "pin_button": "GPIO27"}
 QUEUE_SETTINGS = ("max_backlog", "detents_per_token", "tokens_per_detent", "reverse")
-
-
-@pytest.fixture
-def factory():
-    saved = Device.pin_factory
-    mock = MockFactory()
-    Device.pin_factory = mock
-    yield mock
-    mock.reset()
-    Device.pin_factory = saved
 
 
 @pytest.fixture
@@ -38,13 +26,6 @@ def open_mock_crank(factory):
     for crank, queue in opened:
         queue.close()
         crank.close()
-
-
-def drain(queue):
-    items = []
-    while (item := queue.get(timeout=0)) is not None:
-        items.append(item)
-    return items
 
 
 @pytest.mark.parametrize("transitions", [4, 2])

@@ -10,15 +10,9 @@ import pytest
 from appliance.crank.events import CrankQueue, Press, Rewind, Step
 from appliance.crank.mockdrive import ManualClock
 from appliance.errors import ConfigError
+from crankpins import drain
 
 CW, CCW = 1, -1
-
-
-def drain(queue):
-    items = []
-    while (item := queue.get(timeout=0)) is not None:
-        items.append(item)
-    return items
 
 
 def put(queue, *directions):

@@ -16,19 +16,7 @@ from appliance.crank.pins import (
 )
 from appliance.crank.source import open_crank
 from appliance.errors import ConfigError, DevicePermissionError, PinError, PinFactoryError
-
-PINS = {"pin_a": "GPIO17", "pin_b": "GPIO18", "pin_button": "GPIO27"}
-
-
-@pytest.fixture
-def factory():
-    saved = Device.pin_factory
-    mock = MockFactory()
-    Device.pin_factory = mock
-    yield mock
-    mock.reset()
-    Device.pin_factory = saved
-
+from crankpins import PINS
 
 @pytest.fixture
 def environ():
