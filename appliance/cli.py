@@ -41,7 +41,7 @@ def _config_check(args) -> int:
     from appliance.engine.gguf import read_gguf
 
     config = load_config(args.config)
-    # The same file checks the daemon runs before llama.cpp sees the model.
+    # The same file checks the daemon runs before llama.cpp loads the model.
     if config.model.path:
         read_gguf(config.model.path)
         model = config.model.path

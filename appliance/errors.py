@@ -31,7 +31,7 @@ class ModelError(CrankError):
 
 
 class ModelFileError(ModelError, ValueError):
-    """A model file that fails the checks made before llama.cpp sees it."""
+    """A model file that fails the checks made before llama.cpp loads it."""
 
 
 class ModelPrepareError(ModelError, RuntimeError):

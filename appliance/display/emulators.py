@@ -169,10 +169,10 @@ class TerminalPanel(Panel):
 
     The first frame is printed where the cursor is; later frames move the cursor up
     and overwrite it. The line under the frame is the full status text. A terminal
-    too small for the frame would wrap or scroll it and break the redraw, so a
+    too small for the frame would wrap or scroll it and break the redraw. So a
     terminal narrower than ``width`` columns gets 2x2 pixels per character (quadrant
-    blocks), and one with fewer rows than the frame plus its status line gets 2x4
-    pixels per character (braille), which fits 128x64 into 64x16 cells.
+    blocks). One with fewer rows than the frame and its status line gets 2x4 pixels
+    per character (braille), which fits 128x64 into 64x16 cells.
     """
 
     def __init__(self, width: int, height: int, rotate: int = 0, *, stream=None, path: str = ""):

@@ -79,7 +79,7 @@ _HORIZONTAL, _VERTICAL, _PAGE = 0, 1, 2
 
 
 class _AbsentDevice:
-    """What a serial interface at an address with nothing on it does: fail."""
+    """A serial interface at an address with nothing on it: every write fails."""
 
     def __init__(self, address: int):
         self.address = address

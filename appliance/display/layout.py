@@ -131,9 +131,9 @@ class Layout:
     def status(self, state: DisplayState) -> str:
         """Return the status bar text for ``state``: the most detailed form that fits.
 
-        The form must also fit typical wide figures (a three-digit token count, 99 %
-        of the context, "9.9" tok/s, "999ms"), so the bar keeps one form while the
-        figures change instead of switching back and forth as a number gains a digit.
+        The form must also fit typical wide figures: a three-digit token count, 99 % of
+        the context, "9.9" tok/s and "999ms". The bar then keeps one form while the
+        figures change, instead of switching back and forth as a number gains a digit.
         """
         candidates = format_status(state)
         widest = format_status(

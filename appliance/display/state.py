@@ -1,4 +1,4 @@
-"""What the daemon hands the display after every decode step."""
+"""The state the daemon hands the display after every decode step."""
 
 from dataclasses import dataclass
 

@@ -78,7 +78,7 @@ class EngineSettings:
 
 @dataclass(frozen=True)
 class StepResult:
-    """What one step did.
+    """The outcome of one step.
 
     ``event`` is None for an ordinary token. "end" means nothing was decoded because the
     model ended the text, or the context is full under the "stop" policy. "shifted"
@@ -338,7 +338,7 @@ class Engine:
         tokens = self.tokenize(text, special=special)
         if len(tokens) > self.n_ctx - MIN_GENERATION_ROOM:
             raise PromptTooLongError(
-                f"prompt is {len(tokens)} tokens but the context holds {self.n_ctx}; "
+                f"prompt is {len(tokens)} tokens but the context has room for {self.n_ctx}; "
                 "shorten the prompt or raise [model] n_ctx"
             )
         if not tokens:

@@ -183,7 +183,7 @@ class GGUFInfo:
 
         Returns (fallen back, matrix tensors, Counter of the types they fell back to).
         K-quant types pack 256 weights per block, so a tensor whose rows are not a
-        multiple of 256 wide gets a 32-block type instead; for other file types every
+        multiple of 256 wide gets a 32-block type instead. For other file types every
         matrix stored in another type counts. One-dimensional tensors (norms) are F32
         in every file type and are not counted. Without a known file type, nothing
         counts as a fallback.
@@ -214,74 +214,74 @@ class _Reader:
         self.size = size
         self.position = 0
 
-    def _truncated(self, what: str) -> ModelFileError:
+    def _truncated(self, part: str) -> ModelFileError:
         return ModelFileError(
-            f"{self.path}: GGUF file is truncated (ends inside the {what}); "
+            f"{self.path}: GGUF file is truncated (ends inside the {part}); "
             "prepare or download it again"
         )
 
-    def read(self, n: int, what: str) -> bytes:
+    def read(self, n: int, part: str) -> bytes:
         if self.position + n > self.size:
-            raise self._truncated(what)
+            raise self._truncated(part)
         start = self.position
         self.position += n
         return self.data[start:self.position]
 
-    def unpack(self, fmt: str, what: str):
+    def unpack(self, fmt: str, part: str):
         width = struct.calcsize(fmt)
         if self.position + width > self.size:
-            raise self._truncated(what)
+            raise self._truncated(part)
         value = struct.unpack_from(fmt, self.data, self.position)[0]
         self.position += width
         return value
 
-    def string(self, what: str) -> str:
-        length = self.unpack("<Q", what)
+    def string(self, part: str) -> str:
+        length = self.unpack("<Q", part)
         if length > MAX_STRING:
-            raise ModelFileError(f"{self.path}: invalid GGUF file: {what} has length {length}")
-        return self.read(length, what).decode("utf-8", errors="replace")
+            raise ModelFileError(f"{self.path}: invalid GGUF file: {part} has length {length}")
+        return self.read(length, part).decode("utf-8", errors="replace")
 
-    def skip_strings(self, count: int, what: str) -> None:
+    def skip_strings(self, count: int, part: str) -> None:
         # A vocabulary has about 50,000 strings that nothing here needs. Stepping over
         # their lengths without decoding keeps the check fast at every start.
         unpack_from = struct.unpack_from
         data, position, size = self.data, self.position, self.size
         for _ in range(count):
             if position + 8 > size:
-                raise self._truncated(what)
+                raise self._truncated(part)
             position += 8 + unpack_from("<Q", data, position)[0]
         if position > size:
-            raise self._truncated(what)
+            raise self._truncated(part)
         self.position = position
 
-    def value(self, value_type: int, what: str):
+    def value(self, value_type: int, part: str):
         if value_type in _SCALARS:
-            return self.unpack(_SCALARS[value_type], what)
+            return self.unpack(_SCALARS[value_type], part)
         if value_type == _STRING:
-            return self.string(what)
+            return self.string(part)
         if value_type == _ARRAY:
-            item_type = self.unpack("<I", what)
-            count = self.unpack("<Q", what)
+            item_type = self.unpack("<I", part)
+            count = self.unpack("<Q", part)
             if item_type == _ARRAY or count > self.size:
-                raise ModelFileError(f"{self.path}: invalid GGUF file: bad array in {what}")
+                raise ModelFileError(f"{self.path}: invalid GGUF file: bad array in {part}")
             if item_type in _SCALARS:
                 fmt = _SCALARS[item_type]
                 width = struct.calcsize(fmt)
                 if self.position + count * width > self.size:
-                    raise self._truncated(what)
+                    raise self._truncated(part)
                 # Large arrays (vocabulary scores, token types) are skipped, not decoded:
                 # nothing here needs them and decoding 49k floats costs time at each start.
                 if count > 64:
                     self.position += count * width
                     return f"<{count} values>"
-                return [self.unpack(fmt, what) for _ in range(count)]
+                return [self.unpack(fmt, part) for _ in range(count)]
             if item_type == _STRING:
                 if count > 64:
-                    self.skip_strings(count, what)
+                    self.skip_strings(count, part)
                     return f"<{count} strings>"
-                return [self.string(what) for _ in range(count)]
-            raise ModelFileError(f"{self.path}: invalid GGUF file: array type {item_type} in {what}")
-        raise ModelFileError(f"{self.path}: invalid GGUF file: value type {value_type} in {what}")
+                return [self.string(part) for _ in range(count)]
+            raise ModelFileError(f"{self.path}: invalid GGUF file: array type {item_type} in {part}")
+        raise ModelFileError(f"{self.path}: invalid GGUF file: value type {value_type} in {part}")
 
 
 def read_gguf(path: str | os.PathLike) -> GGUFInfo:
@@ -333,9 +333,9 @@ def _read(reader: _Reader) -> GGUFInfo:
     magic = reader.data[:4]
     reader.position = 4
     if magic != GGUF_MAGIC:
-        shown = magic.decode("ascii", errors="backslashreplace")
+        start = magic.decode("ascii", errors="backslashreplace")
         raise ModelFileError(
-            f"not a GGUF file: {path} starts with \"{shown}\" instead of \"GGUF\"; "
+            f"not a GGUF file: {path} starts with \"{start}\" instead of \"GGUF\"; "
             "give the path of a .gguf model, or prepare one with `crankllm model prepare`"
         )
     version = reader.unpack("<I", "header")
