@@ -146,7 +146,7 @@ def test_watchdog_pings_idle_and_cranking(box, notify):
     assert idle_pings >= 3
 
     # Pings come between decode steps, so the window is long enough to average out a
-    # slow step on a busy machine; the requirement stays 2 pings per second.
+    # slow step on a busy machine. The requirement stays 2 pings per second.
     start = time.monotonic()
     while time.monotonic() - start < 3.0:
         box.crank("+1")
